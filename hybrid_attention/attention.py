@@ -1,0 +1,445 @@
+"""HybridAttention: one DeepSeek-V4 attention layer (sliding window, CSA, HCA, or full).
+
+A token's path (SPEC.md section 3): x -> low-rank query (wq_a, q_norm, wq_b), per-head RMS, RoPE;
+x -> one shared KV row (wkv, kv_norm, RoPE, FP8 on the non-rope dims). Compressed layers pool KV
+rows into entries; CSA layers let the indexer pick top-k entries per query. Each query attends to
+its window rows plus its compressed entries plus the sink; the output is de-rotated and projected
+by the grouped low-rank output (wo_a per group, then wo_b).
+
+Queries are processed in blocks (`AttentionConfig.query_block_size`, shrunk when a block would
+score too many keys), so prefill memory grows linearly with the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .compressor import Compressor
+from .config import AttentionConfig
+from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
+from .modules import Linear, RMSNorm, head_rms_normalize
+from .ops import sparse_attention
+from .ops.sparse_attention.reference import sink_softmax
+from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
+from .rope import apply_rope, layer_rope_frequencies
+from .state import GrowingRows, LayerState
+
+# Largest number of fp32 scores one query block may hold ([block, heads, keys]); bounds memory.
+SCORE_BUDGET = 1 << 25
+
+
+def window_indices_prefill(seq_len: int, window_size: int) -> torch.Tensor:
+    """[s, min(s, win)]: row m_t + j if m_t + j <= t else -1, m_t = max(0, t - win + 1) (SPEC 4)."""
+    width = min(seq_len, window_size)
+    t = torch.arange(seq_len)[:, None]
+    rows = (t - window_size + 1).clamp_min(0) + torch.arange(width)
+    return torch.where(rows <= t, rows, -1)
+
+
+def window_indices_decode(pos: int, window_size: int) -> torch.Tensor:
+    """[win] ring slots of the window of the token at `pos`, oldest first, -1 padded (SPEC 4)."""
+    if pos >= window_size - 1:
+        c = pos % window_size
+        return torch.cat((torch.arange(c + 1, window_size), torch.arange(0, c + 1)))
+    return torch.where(torch.arange(window_size) <= pos, torch.arange(window_size), -1)
+
+
+def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Entries a query at position t may see: i < floor((t + 1) / ratio) (SPEC 4)."""
+    return torch.div(positions + 1, ratio, rounding_mode="floor")
+
+
+class HybridAttention(nn.Module):
+    """One attention layer of kind `cfg.layer_kind(layer_id)`; parameter names match the official
+    checkpoint under `attn.` (SPEC 11)."""
+
+    def __init__(self, cfg: AttentionConfig, layer_id: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        self.kind = cfg.layer_kind(layer_id)
+        self.ratio = cfg.compress_ratio(layer_id)
+        self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        self.scale = cfg.head_dim**-0.5
+        fp8 = cfg.fp8_gemm_inputs
+        group_width = cfg.n_heads * cfg.head_dim // cfg.o_groups
+
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, dtype, fp8)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, dtype, fp8)
+        self.wkv = Linear(cfg.dim, cfg.head_dim, dtype, fp8)
+        self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # wo_a is a plain grouped einsum in the activation dtype, never FP8 inputs (SPEC 3.5).
+        self.wo_a = nn.Linear(group_width, cfg.o_groups * cfg.o_lora_rank, bias=False, dtype=dtype)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, dtype, fp8)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.compressor = None
+        self.indexer = None
+        if self.ratio:
+            self.compressor = Compressor(cfg.dim, cfg.head_dim, self.ratio, self.kind == "csa",
+                                         cfg.rope_head_dim, cfg.norm_eps)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg, dtype)
+        self._freqs = layer_rope_frequencies(cfg, compressed=self.ratio > 0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wq_a.weight.dtype
+
+    # State ----------------------------------------------------------------------------------
+
+    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> LayerState:
+        """An empty streaming state for `batch_size` sequences starting at position 0."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        device = torch.device(device) if device is not None else self.wq_a.weight.device
+        cfg, dtype = self.cfg, self.dtype
+        state = LayerState(self.layer_id, self.kind, cfg.fingerprint(), batch_size, dtype)
+        if self.kind == "full":
+            state.kv = GrowingRows(batch_size, cfg.head_dim, dtype, device)
+        else:
+            state.window = torch.zeros(batch_size, cfg.window_size, cfg.head_dim, dtype=dtype,
+                                       device=device)
+        if self.compressor is not None:
+            state.compressor = self.compressor.new_state(batch_size, device)
+            state.compressed = GrowingRows(batch_size, cfg.head_dim, dtype, device)
+        if self.indexer is not None:
+            state.index_compressor = self.indexer.compressor.new_state(batch_size, device)
+            state.index_keys = GrowingRows(batch_size, cfg.index_head_dim, dtype, device)
+        return state
+
+    # Forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None, return_aux: bool = False,
+                check_finite: bool = False, dense_csa: bool = False):
+        """x [b, s, dim] -> y [b, s, dim], causal.
+
+        state: continue the sequences it holds (chunked prefill, decode); it is updated only when
+          the call succeeds.
+        return_aux: also return {"indexer_loss", "attended_keys"} (see `indexer_kl_loss`).
+        dense_csa: a CSA layer attends to every visible compressed entry, as in the indexer's
+          dense warm-up; the indexer loss is then taken over all of them.
+        """
+        self._check_input(x, state, check_finite)
+        b, s, _ = x.shape
+        start = state.pos if state is not None else 0
+        work = state if state is not None else self.new_state(b, x.device)
+        positions = torch.arange(start, start + s, device=x.device)
+        freqs = self._freqs.to(x.device)
+
+        q, kv, qr = self._project(x, positions, freqs)
+        if self.kind == "full":
+            keys = work.kv.with_appended(kv)  # [b, start + s, d]
+            context = start
+        else:
+            context = min(start, self.cfg.window_size - 1)
+            keys = torch.cat((work.window_rows(context), kv), dim=1)  # [b, context + s, d]
+
+        updates = {}
+        compressed = index_keys = qi = head_weights = None
+        if self.compressor is not None:
+            entries, updates["compressor"] = self.compressor(
+                x, start, work.compressor, freqs, self.cfg.quant)
+            updates["compressed"] = entries
+            compressed = work.compressed.with_appended(entries)  # [b, (start + s) // r, d]
+        if self.indexer is not None:
+            # The indexer learns only from its own loss: its inputs are detached (DeepSeek-V3.2).
+            xd, qrd = x.detach(), qr.detach()
+            new_keys, updates["index_compressor"] = self.indexer.compressor(
+                xd, start, work.index_compressor, freqs, self.cfg.quant)
+            updates["index_keys"] = new_keys
+            index_keys = work.index_keys.with_appended(new_keys)
+            qi = self.indexer.queries(qrd, positions, freqs)  # [b, s, hi, di]
+            head_weights = self.indexer.head_weights(xd)  # [b, s, hi]
+
+        o, aux = self._attend(q, keys, context, positions, compressed, index_keys, qi,
+                              head_weights, return_aux, dense_csa)
+        o = apply_rope(o.to(x.dtype), positions, freqs, inverse=True)
+        y = self._output(o)
+
+        if state is not None:
+            self._commit(state, kv, updates)
+        if return_aux:
+            return y, aux
+        return y
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor):
+        """Query path (SPEC 3.2) and KV path (SPEC 3.3)."""
+        qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [b, s, h, d]
+        q = apply_rope(head_rms_normalize(q, self.cfg.norm_eps), positions, freqs)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)  # [b, s, d]
+        if self.cfg.quant == "official":
+            kv = fake_quant_nope_fp8(kv, self.rope_dim, block=64)
+        return q, kv, qr
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output projection (SPEC 3.5): o [b, s, h, d] -> [b, s, dim]."""
+        b, s = o.shape[:2]
+        groups, rank = self.cfg.o_groups, self.cfg.o_lora_rank
+        grouped = o.reshape(b, s, groups, -1)  # [b, s, g, h/g * d]
+        wo_a = self.wo_a.weight.to(o.dtype).view(groups, rank, -1)
+        z = torch.einsum("bsgk,grk->bsgr", grouped, wo_a)  # [b, s, g, rank]
+        return self.wo_b(z.flatten(2))
+
+    def _block_size(self, n_keys: int) -> int:
+        return max(1, min(self.cfg.query_block_size, SCORE_BUDGET // (self.n_heads * max(n_keys, 1))))
+
+    def _attend(self, q, keys, context, positions, compressed, index_keys, qi, head_weights,
+                return_aux, dense_csa):
+        """Joint softmax over window rows + compressed entries + sink, one query block at a time."""
+        b, s = q.shape[:2]
+        win = self.cfg.window_size
+        start = int(positions[0])
+        if self.kind != "full":
+            # Query t's window is rows [t, t + win) of the keys padded in front to win - 1 rows of
+            # context; unfold makes that a zero-copy view [b, s, d, win].
+            padded = nn.functional.pad(keys, (0, 0, win - 1 - context, 0))
+            windows = padded.unfold(1, win, 1)
+            n_keys = win + (compressed.size(1) if compressed is not None else 0)
+        else:
+            n_keys = keys.size(1)
+        block = self._block_size(n_keys)
+        outputs, losses, attended = [], [], 0.0
+        for a in range(0, s, block):
+            e = min(s, a + block)
+            q_blk = q[:, a:e].float()  # [b, n, h, d]
+            pos = positions[a:e]
+            scores, values = [], []  # segments: scores [b, n, h, k], values and how to apply them
+            if self.kind == "full":
+                key_pos = torch.arange(start + e, device=q.device)
+                z = torch.einsum("bqhd,bkd->bqhk", q_blk, keys[:, : start + e].float()) * self.scale
+                mask = key_pos[None, :] > pos[:, None]  # [n, k]
+                scores.append(z.masked_fill(mask[None, :, None], float("-inf")))
+                values.append(("dense", keys[:, : start + e]))
+                attended += float((~mask).sum()) * b
+            else:
+                w = windows[:, a:e].float()  # [b, n, d, win]
+                key_pos = pos[:, None] - win + 1 + torch.arange(win, device=q.device)
+                z = torch.einsum("bqhd,bqdw->bqhw", q_blk, w) * self.scale
+                scores.append(z.masked_fill((key_pos < 0)[None, :, None], float("-inf")))
+                values.append(("window", w))
+                attended += float((key_pos >= 0).sum()) * b
+            picks = None
+            if compressed is not None:
+                visible = visible_entries(pos, self.ratio)  # [n]
+                if self.kind == "hca" or dense_csa:
+                    z = torch.einsum("bqhd,btd->bqht", q_blk, compressed.float()) * self.scale
+                    hidden = torch.arange(compressed.size(1), device=q.device) >= visible[:, None]
+                    scores.append(z.masked_fill(hidden[None, :, None], float("-inf")))
+                    values.append(("dense", compressed))
+                    attended += float((~hidden).sum()) * b
+                else:
+                    with torch.no_grad():
+                        ranking = index_scores(qi[:, a:e], head_weights[:, a:e], index_keys)
+                        k = min(self.cfg.index_topk, index_keys.size(1))
+                        picks = select_entries(ranking, visible, k) if k else ranking.new_zeros(
+                            b, e - a, 0, dtype=torch.long)
+                    rows = gather_rows(compressed, picks.clamp_min(0))  # [b, n, k, d]
+                    z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float()) * self.scale
+                    scores.append(z.masked_fill((picks < 0)[:, :, None], float("-inf")))
+                    values.append(("gathered", rows))
+                    attended += float((picks >= 0).sum())
+            probs = sink_softmax(torch.cat(scores, dim=-1), self.attn_sink)
+            out = 0
+            for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values):
+                if how == "window":
+                    out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
+                elif how == "dense":
+                    out = out + p @ v.float()[:, None]
+                else:
+                    out = out + p @ v.float()
+            outputs.append(out)
+            if return_aux and self.kind == "csa":
+                entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
+                losses.append(self._indexer_loss_terms(
+                    entry_probs, qi[:, a:e], head_weights[:, a:e], index_keys, picks, visible))
+        o = torch.cat(outputs, dim=1)  # [b, s, h, d] fp32
+        aux = {"attended_keys": attended / (b * s)}
+        if return_aux:
+            aux["indexer_loss"] = _mean_loss(losses, q)
+        return o, aux
+
+    def _indexer_loss_terms(self, entry_probs, qi, head_weights, index_keys, picks, visible):
+        """Per-block (sum of KL, number of queries) for the indexer loss (see `indexer_kl_loss`)."""
+        if picks is None:  # dense: every visible entry
+            student = index_scores(qi, head_weights, index_keys).float()
+            hidden = torch.arange(index_keys.size(1), device=qi.device) >= visible[:, None]
+            valid = ~hidden[None].expand_as(student)
+        else:
+            student = gathered_index_scores(qi, head_weights, index_keys, picks.clamp_min(0)).float()
+            valid = picks >= 0
+        return indexer_kl_loss(entry_probs, student, valid)
+
+    def _commit(self, state: LayerState, kv: torch.Tensor, updates: dict) -> None:
+        """Write the call's rows into the state; runs only after everything was computed."""
+        s = kv.size(1)
+        if self.kind == "full":
+            state.kv.append(kv)
+        else:
+            win = self.cfg.window_size
+            keep = min(s, win)
+            slots = torch.arange(state.pos + s - keep, state.pos + s, device=kv.device) % win
+            state.window[:, slots] = kv[:, s - keep:].detach()
+        if "compressor" in updates:
+            state.compressor = _detached(updates["compressor"])
+            state.compressed.append(updates["compressed"])
+        if "index_compressor" in updates:
+            state.index_compressor = _detached(updates["index_compressor"])
+            state.index_keys.append(updates["index_keys"])
+        state.pos += s
+
+    def _check_input(self, x, state, check_finite) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, seq, dim], got {x.dim()} dims (shape {tuple(x.shape)})")
+        if x.size(-1) != self.cfg.dim:
+            raise ValueError(f"x has width {x.size(-1)}, the layer expects dim={self.cfg.dim}")
+        if x.size(1) < 1 or x.size(0) < 1:
+            raise ValueError(f"x must hold at least one token per sequence, got shape {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"x has dtype {x.dtype}, the layer holds {self.dtype}; "
+                             f"cast x or the layer (layer.to({x.dtype}))")
+        start = 0
+        if state is not None:
+            if not isinstance(state, LayerState):
+                raise TypeError(f"state must be a LayerState from new_state(), got {type(state).__name__}")
+            if state.layer_id != self.layer_id or state.kind != self.kind \
+                    or state.fingerprint != self.cfg.fingerprint():
+                raise ValueError(f"state belongs to layer {state.layer_id} ({state.kind}), not to "
+                                 f"layer {self.layer_id} ({self.kind}) of this config")
+            if state.batch_size != x.size(0):
+                raise ValueError(f"state holds {state.batch_size} sequences, x has batch {x.size(0)}")
+            if state.dtype != x.dtype:
+                raise ValueError(f"state holds {state.dtype} rows, x is {x.dtype}")
+            start = state.pos
+        if start + x.size(1) > self.cfg.max_seq_len:
+            raise ValueError(f"this chunk would reach position {start + x.size(1)}, past "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        if check_finite and not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf values (check_finite=True)")
+
+    # Reference path -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reference_forward(self, x: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+        """The official code's construction, for tests: one KV buffer and an explicit index list
+        per query, fed to `ops.sparse_attention` (SPEC 3.4, 4). Prefill (state=None) or one decode
+        token (x of length 1 after the state's tokens; the state is not changed). Not "full"."""
+        if self.kind == "full":
+            raise ValueError("reference_forward covers the official layer kinds, not 'full'")
+        self._check_input(x, state, False)
+        b, s, _ = x.shape
+        win = self.cfg.window_size
+        decode = state is not None
+        if decode and s != 1:
+            raise ValueError("reference_forward decodes one token at a time")
+        start = state.pos if decode else 0
+        work = state if decode else self.new_state(b, x.device)
+        positions = torch.arange(start, start + s, device=x.device)
+        freqs = self._freqs.to(x.device)
+        q, kv, qr = self._project(x, positions, freqs)
+
+        if decode:
+            ring = work.window.clone()
+            ring[:, start % win] = kv[:, 0]
+            buffer_rows, offset = ring, win
+            window = window_indices_decode(start, win)[None].expand(s, -1)
+        else:
+            buffer_rows, offset = kv, s
+            window = window_indices_prefill(s, win)
+        parts = [window.to(x.device)[None].expand(b, -1, -1)]  # [b, s, win]
+        if self.compressor is not None:
+            entries, _ = self.compressor(x, start, work.compressor, freqs, self.cfg.quant)
+            compressed = work.compressed.with_appended(entries)
+            buffer_rows = torch.cat((buffer_rows, compressed), dim=1)
+            visible = visible_entries(positions, self.ratio)
+            if self.kind == "hca":
+                entry = torch.arange(compressed.size(1), device=x.device)
+                part = torch.where(entry < visible[:, None], entry + offset, -1)
+                parts.append(part[None].expand(b, -1, -1))
+            elif compressed.size(1):
+                new_keys, _ = self.indexer.compressor(x, start, work.index_compressor, freqs,
+                                                      self.cfg.quant)
+                keys = work.index_keys.with_appended(new_keys)
+                qi = self.indexer.queries(qr, positions, freqs)
+                ranking = index_scores(qi, self.indexer.head_weights(x), keys)
+                picks = select_entries(ranking, visible, min(self.cfg.index_topk, keys.size(1)))
+                parts.append(torch.where(picks >= 0, picks + offset, -1))
+        indices = torch.cat(parts, dim=-1).to(torch.int32)
+        o = sparse_attention(q, buffer_rows, self.attn_sink, indices, self.scale)
+        o = apply_rope(o, positions, freqs, inverse=True)
+        return self._output(o)
+
+    # Official weights -----------------------------------------------------------------------
+
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Load tensors under the official names (optionally under `prefix`, e.g. "layers.3.attn.").
+
+        FP8 e4m3 weights come with a sibling `<name>.scale` (ue8m0, one per 128x128 block) and are
+        dequantised; bf16 / fp32 tensors are cast to the parameter's dtype. Missing, unexpected or
+        wrongly shaped tensors raise a ValueError naming the tensor, before anything is copied."""
+        own = dict(self.named_parameters())
+        given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        unexpected = [prefix + k for k in given if k not in own
+                      and not (k.endswith(".scale") and k[: -len(".scale")] in own)]
+        if unexpected:
+            raise ValueError(f"unexpected tensors for layer {self.layer_id} ({self.kind}): {unexpected}")
+        missing = [prefix + k for k in own if k not in given]
+        if missing:
+            raise ValueError(f"missing tensors for layer {self.layer_id} ({self.kind}): {missing}")
+        loaded = {}
+        for name, param in own.items():
+            tensor = given[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {prefix + name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(param.shape)}")
+            if tensor.dtype == torch.float8_e4m3fn:
+                scale = given.get(name + ".scale")
+                if scale is None:
+                    raise ValueError(f"FP8 tensor {prefix + name} has no {prefix + name}.scale")
+                try:
+                    tensor = dequantize_fp8_weight(tensor, scale)
+                except ValueError as err:
+                    raise ValueError(f"tensor {prefix + name}.scale: {err}") from None
+            elif name + ".scale" in given:
+                raise ValueError(f"tensor {prefix + name}.scale given for a {tensor.dtype} weight; "
+                                 "scales belong to float8_e4m3fn weights")
+            if not tensor.is_floating_point():
+                raise ValueError(f"tensor {prefix + name} has dtype {tensor.dtype}, expected a float")
+            loaded[name] = tensor.to(param.dtype)
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(loaded[name])
+
+
+def indexer_kl_loss(entry_probs: torch.Tensor, student_scores: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """KL(teacher || softmax(student)) summed over queries, and the number of queries counted.
+
+    entry_probs [b, n, h, k]: the main attention's joint softmax (window + compressed + sink)
+    restricted to the compressed entries. The teacher sums it over heads and L1-normalises over
+    the entries (so heads that give compressed entries more mass weigh more), detached.
+    student_scores [b, n, k]: indexer scores of the same entries; valid [b, n, k] marks real ones.
+    """
+    teacher = entry_probs.detach().sum(dim=2).masked_fill(~valid, 0)  # [b, n, k]
+    mass = teacher.sum(-1, keepdim=True)
+    counted = (mass[..., 0] > 0) & valid.any(-1)
+    teacher = teacher / mass.clamp_min(torch.finfo(teacher.dtype).tiny)
+    log_student = student_scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
+    log_student = torch.where(valid, log_student, torch.zeros_like(log_student))
+    log_teacher = torch.where(teacher > 0, teacher.log(), torch.zeros_like(teacher))
+    kl = (teacher * (log_teacher - log_student)).sum(-1)  # [b, n]
+    return (kl * counted).sum(), int(counted.sum())
+
+
+def _mean_loss(terms: list, like: torch.Tensor) -> torch.Tensor:
+    total = sum((t for t, _ in terms), like.new_zeros((), dtype=torch.float32))
+    count = sum(n for _, n in terms)
+    return total / max(count, 1)
+
+
+def _detached(state):
+    return type(state)(state.kv.detach(), state.score.detach())
+

@@ -1,0 +1,139 @@
+"""The token compressor: softmax-gated pooling of `ratio` tokens into one KV entry (SPEC.md section 5).
+
+Each token gets a projected value `a` and a gate score `g` (plus a learned per-slot bias `ape`).
+An entry is a per-feature softmax over its slots of the gates, weighting the values. With overlap
+(CSA) an entry also pools the previous block through the first half of the features, so entry i
+covers tokens [(i-1)r, (i+1)r).
+
+The same code serves a whole prefill and a stream of chunks: the rows of the unfinished block (and,
+with overlap, the last complete block) wait in a `CompressorState` until their block completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import RMSNorm
+from .quant import fake_quant_fp4, fake_quant_nope_fp8, hadamard_rotate
+from .rope import apply_rope
+
+
+@dataclass
+class CompressorState:
+    """Pending rows (SPEC 5.1): `kv` / `score` [b, c*r, c*d] fp32, score -inf where a slot is empty.
+
+    Overlap: slots [0, r) hold the last complete block, slots [r, 2r) the unfinished one.
+    Non-overlap: slots [0, r) hold the unfinished block.
+    """
+
+    kv: torch.Tensor
+    score: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.score.nbytes
+
+    def clone(self) -> "CompressorState":
+        return CompressorState(self.kv.clone(), self.score.clone())
+
+
+def pool_blocks(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Softmax over the slot axis (-2) per feature, then the weighted sum: [.., slots, d] -> [.., d]."""
+    return (score.softmax(dim=-2) * kv).sum(dim=-2)
+
+
+def overlap_slots(blocks: torch.Tensor, previous: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[b, n, r, 2d] blocks and the block before the first [b, r, 2d] -> [b, n, 2r, d] slots.
+
+    Entry i uses features [0, d) of block i-1 (its "previous" half) followed by features [d, 2d)
+    of block i (its "current" half), SPEC 5.2.
+    """
+    before = torch.cat((previous[:, None], blocks), dim=1)[:, : blocks.size(1)]
+    return torch.cat((before[..., :head_dim], blocks[..., head_dim:]), dim=2)
+
+
+class Compressor(nn.Module):
+    """Main compressor (d = head_dim, FP8 on the non-rope dims) or the indexer's (rotate=True:
+    Hadamard then FP4 over all dims)."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, rope_dim: int,
+                 norm_eps: float, rotate: bool = False, hadamard: bool = True) -> None:
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        self.rope_dim, self.rotate, self.hadamard = rope_dim, rotate, hadamard
+        width = (2 if overlap else 1) * head_dim
+        # The reference keeps these in fp32 (SPEC 5.1, 11); the pooling is fp32 throughout.
+        self.ape = nn.Parameter(torch.zeros(ratio, width))
+        self.wkv = nn.Linear(dim, width, bias=False)
+        self.wgate = nn.Linear(dim, width, bias=False)
+        self.norm = RMSNorm(head_dim, norm_eps)
+
+    @property
+    def n_slots(self) -> int:
+        return (2 if self.overlap else 1) * self.ratio
+
+    def new_state(self, batch_size: int, device: torch.device | None = None) -> CompressorState:
+        shape = (batch_size, self.n_slots, self.ape.size(1))
+        return CompressorState(torch.zeros(shape, device=device),
+                               torch.full(shape, float("-inf"), device=device))
+
+    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, freqs: torch.Tensor,
+                quant: str) -> tuple[torch.Tensor, CompressorState]:
+        """Feed tokens x [b, s, dim] at positions start_pos.. ; return the entries their arrival
+        completes [b, n, d] (in x.dtype, post-processed) and the next state. `state` is not changed."""
+        b, s, _ = x.shape
+        r, d = self.ratio, self.head_dim
+        xf = x.float()
+        kv = nn.functional.linear(xf, self.wkv.weight.float())  # [b, s, c*d]
+        slot = torch.arange(start_pos, start_pos + s, device=x.device) % r
+        score = nn.functional.linear(xf, self.wgate.weight.float()) + self.ape.float()[slot]
+
+        # Rows from the start of the unfinished block, then the new ones.
+        filled = start_pos % r
+        first = r if self.overlap else 0
+        kv = torch.cat((state.kv[:, first:first + filled], kv), dim=1)
+        score = torch.cat((state.score[:, first:first + filled], score), dim=1)
+        n = kv.size(1) // r
+        cut = n * r
+        blocks_kv = kv[:, :cut].unflatten(1, (n, r))  # [b, n, r, c*d]
+        blocks_score = score[:, :cut].unflatten(1, (n, r))
+        if self.overlap:
+            slots_kv = overlap_slots(blocks_kv, state.kv[:, :r], d)  # [b, n, 2r, d]
+            slots_score = overlap_slots(blocks_score, state.score[:, :r], d)
+        else:
+            slots_kv, slots_score = blocks_kv, blocks_score
+        pooled = pool_blocks(slots_kv, slots_score)  # [b, n, d] fp32
+
+        first_entry = (start_pos - filled) // r
+        positions = (first_entry + torch.arange(n, device=x.device)) * r  # entry i sits at i*r
+        entries = self._finish(pooled.to(x.dtype), positions, freqs, quant)
+        return entries, self._next_state(state, kv[:, cut:], score[:, cut:], blocks_kv, blocks_score)
+
+    def _finish(self, entries: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                quant: str) -> torch.Tensor:
+        """Norm, RoPE at the entry's position, then the quantisation of SPEC 5.2."""
+        entries = apply_rope(self.norm(entries), positions, freqs)
+        if self.rotate:
+            if self.hadamard:
+                entries = hadamard_rotate(entries)
+            if quant == "official":
+                entries = fake_quant_fp4(entries, block=32)
+        elif quant == "official":
+            entries = fake_quant_nope_fp8(entries, self.rope_dim, block=64)
+        return entries
+
+    def _next_state(self, state: CompressorState, rest_kv: torch.Tensor, rest_score: torch.Tensor,
+                    blocks_kv: torch.Tensor, blocks_score: torch.Tensor) -> CompressorState:
+        r = self.ratio
+        first = r if self.overlap else 0
+        new = CompressorState(torch.zeros_like(state.kv), torch.full_like(state.score, float("-inf")))
+        if self.overlap:
+            done = blocks_kv.size(1) > 0
+            new.kv[:, :r] = blocks_kv[:, -1] if done else state.kv[:, :r]
+            new.score[:, :r] = blocks_score[:, -1] if done else state.score[:, :r]
+        rem = rest_kv.size(1)
+        new.kv[:, first:first + rem] = rest_kv
+        new.score[:, first:first + rem] = rest_score
+        return new

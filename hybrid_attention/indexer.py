@@ -1,0 +1,96 @@
+"""The lightning indexer of CSA layers: scores every visible compressed entry for every query and
+keeps the top-k (SPEC.md section 6), plus the KL loss that trains it (SPEC 12).
+
+I[t, i] = sum_h w[t, h] * relu(qi[t, h] . K[i]). Scores are computed a query block and a head at
+a time, so memory stays [block, entries], never [seq, heads, entries].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .compressor import Compressor
+from .config import AttentionConfig
+from .modules import Linear
+from .quant import fake_quant_fp4, hadamard_rotate
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: AttentionConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype,
+                           cfg.fp8_gemm_inputs)
+        self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False, dtype=dtype)
+        self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True,
+                                     rope_dim=cfg.rope_head_dim, norm_eps=cfg.norm_eps,
+                                     rotate=True, hadamard=cfg.hadamard)
+
+    def queries(self, qr: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """qr [b, s, q_lora] -> indexer queries [b, s, hi, di]: RoPE, Hadamard, FP4."""
+        qi = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        qi = apply_rope(qi, positions, freqs)
+        if self.cfg.hadamard:
+            qi = hadamard_rotate(qi)
+        if self.cfg.quant == "official":
+            qi = fake_quant_fp4(qi, block=32)
+        return qi
+
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, dim] -> per-head weights [b, s, hi], scaled by (di * hi)^-1/2."""
+        scale = self.head_dim**-0.5 * self.n_heads**-0.5
+        return self.weights_proj(x) * scale
+
+
+def index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """qi [b, q, hi, di], weights [b, q, hi], keys [b, t, di] -> scores [b, q, t] in qi.dtype.
+
+    Per-head products are rounded to qi.dtype, as the reference's bf16 ops do; the sum over heads
+    accumulates in fp32 and rounds once (which is what a bf16 `sum` does)."""
+    total = None
+    for h in range(qi.size(2)):
+        head = torch.relu(qi[:, :, h] @ keys.transpose(1, 2)) * weights[:, :, h, None]  # [b, q, t]
+        total = head.float() if total is None else total + head.float()
+    return total.to(qi.dtype)
+
+
+def gathered_index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                          indices: torch.Tensor) -> torch.Tensor:
+    """Scores of chosen entries only: indices [b, q, k] (>= 0) -> [b, q, k] (for the indexer loss)."""
+    chosen = gather_rows(keys, indices)  # [b, q, k, di]
+    per_head = torch.relu(torch.einsum("bqhd,bqkd->bqhk", qi, chosen))
+    return (per_head * weights[..., None]).sum(dim=2)
+
+
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """rows [b, t, d], indices [b, q, k] (>= 0) -> [b, q, k, d]."""
+    b, q, k = indices.shape
+    flat = indices.reshape(b, q * k, 1).expand(-1, -1, rows.size(-1))
+    return rows.gather(1, flat).view(b, q, k, rows.size(-1))
+
+
+def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, ties broken by the lower index, in ascending order.
+
+    torch.topk leaves the order of equal values unspecified (and it differs between devices); here
+    the set depends only on the numbers, so prefill and streaming pick the same entries (SPEC 12).
+    """
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value, [.., 1]
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
+def select_entries(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [b, q, t], visible entry counts [q] -> top-k entry ids [b, q, k], -1 where a query
+    sees fewer than k entries (SPEC 6, prefill masking)."""
+    t = scores.size(-1)
+    entry = torch.arange(t, device=scores.device)
+    masked = scores.float().masked_fill(entry >= visible[:, None], float("-inf"))
+    picks = topk_lowest_index_ties(masked, k)
+    return picks.masked_fill(picks >= visible[:, None], -1)

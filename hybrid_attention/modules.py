@@ -1,0 +1,41 @@
+"""Small building blocks shared by the layer, the compressor and the indexer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quant import fake_quant_fp8
+
+
+class RMSNorm(nn.Module):
+    """y = w * x * rsqrt(mean(x^2) + eps), computed in fp32, returned in x.dtype (SPEC 3.1)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer; optionally rounds its input to FP8 (block 128) as the FP8 model does."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None,
+                 fp8_inputs: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=False, dtype=dtype)
+        self.fp8_inputs = fp8_inputs and in_features % 128 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_inputs:
+            x = fake_quant_fp8(x, block=128)
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+
+def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head q * rsqrt(mean(q^2) + eps) with no weight, every op in q.dtype (SPEC 3.2)."""
+    return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)

@@ -1,0 +1,53 @@
+"""Rotary position embedding with YaRN frequency scaling (SPEC.md section 2).
+
+Interleaved pairs: pair k of the last `rope_dim` dims is (v[2k], v[2k+1]) read as a + ib.
+Angles are a single fp32 multiply of the fp32 position by the fp32 frequency, so that rotations at
+large positions match the reference bit for bit; no table, so there is no maximum position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AttentionConfig, yarn_correction_range
+
+
+def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """fp32 frequencies [rope_dim/2]; YaRN-blended when original_seq_len > 0."""
+    exponents = torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim
+    freqs = 1.0 / (theta ** exponents)  # a power, then a reciprocal, in fp32
+    if original_seq_len > 0:
+        lo, hi = yarn_correction_range(rope_dim, theta, original_seq_len, beta_fast, beta_slow)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def layer_rope_frequencies(cfg: AttentionConfig, compressed: bool) -> torch.Tensor:
+    """The one table a layer uses: compressed layers get YaRN on compress_rope_theta (SPEC 2)."""
+    if compressed:
+        return rope_frequencies(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor,
+                                cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow)
+    return rope_frequencies(cfg.rope_head_dim, cfg.rope_theta)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+               inverse: bool = False) -> torch.Tensor:
+    """Rotate the last `2 * len(freqs)` dims of x.
+
+    x: [b, s, ..., d] with the tokens on axis 1 (any head axes between); positions [s] or [b, s].
+    Math in fp32, result in x.dtype. `inverse` rotates by -angle (de-rotation).
+    """
+    rope_dim = 2 * freqs.numel()
+    angles = positions.to(torch.float32)[..., None] * freqs.to(positions.device)  # [.., s, rd/2]
+    extra = x.dim() - 3  # head axes between the token axis and the feature axis
+    angles = angles.reshape(*angles.shape[:-1], *([1] * extra), angles.shape[-1])
+    cos, sin = angles.cos(), angles.sin()
+    if inverse:
+        sin = -sin
+    rot = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))
+    a, b = rot[..., 0], rot[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-rope_dim], rotated.to(x.dtype)), dim=-1)

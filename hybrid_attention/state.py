@@ -1,0 +1,86 @@
+"""Streaming state of one attention layer: plain tensors behind a small interface.
+
+What a layer must remember between chunks (SPEC.md section 9, without its fixed-size buffers):
+the window ring (the last `window_size` KV rows; token p in slot p % window_size), each
+compressor's unfinished block, the compressed KV entries and (CSA) the indexer keys; a "full"
+layer keeps every KV row instead of a ring. A later paged cache replaces these tensors with views
+onto its pools; the layer only calls the methods below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .compressor import CompressorState
+
+
+class GrowingRows:
+    """Rows appended along axis 1 of a [b, n, d] tensor, with amortised doubling of the capacity."""
+
+    def __init__(self, batch_size: int, width: int, dtype: torch.dtype, device=None) -> None:
+        self._data = torch.empty(batch_size, 0, width, dtype=dtype, device=device)
+        self.length = 0
+
+    def view(self) -> torch.Tensor:
+        return self._data[:, : self.length]
+
+    def with_appended(self, rows: torch.Tensor) -> torch.Tensor:
+        """All rows so far plus `rows`, without committing them."""
+        return torch.cat((self.view(), rows.to(self._data.dtype)), dim=1)
+
+    def append(self, rows: torch.Tensor) -> None:
+        needed = self.length + rows.size(1)
+        if needed > self._data.size(1):
+            grown = self._data.new_empty(self._data.size(0), max(needed, 2 * self._data.size(1)),
+                                         self._data.size(2))
+            grown[:, : self.length] = self.view()
+            self._data = grown
+        self._data[:, self.length:needed] = rows.detach()
+        self.length = needed
+
+    def nbytes(self) -> int:
+        return self.view().nbytes
+
+    def allocated_nbytes(self) -> int:
+        return self._data.nbytes
+
+
+@dataclass
+class LayerState:
+    """Everything one layer remembers about a batch of sequences, all at position `pos`."""
+
+    layer_id: int
+    kind: str
+    fingerprint: str
+    batch_size: int
+    dtype: torch.dtype
+    pos: int = 0
+    window: torch.Tensor | None = None  # [b, window_size, d] ring (not for "full")
+    kv: GrowingRows | None = None  # "full" layers: every KV row
+    compressor: CompressorState | None = None
+    compressed: GrowingRows | None = None  # [b, pos // ratio, d]
+    index_compressor: CompressorState | None = None
+    index_keys: GrowingRows | None = None  # [b, pos // ratio, index_head_dim]
+    extra: dict = field(default_factory=dict)
+
+    def window_rows(self, count: int) -> torch.Tensor:
+        """The last `count` (<= window_size, <= pos) KV rows in position order, [b, count, d]."""
+        slots = torch.arange(self.pos - count, self.pos, device=self.window.device) % self.window.size(1)
+        return self.window[:, slots]
+
+    def nbytes(self) -> int:
+        """Bytes of the state's contents (rows actually held, not spare capacity)."""
+        return sum(self.nbytes_by_type().values())
+
+    def nbytes_by_type(self) -> dict[str, int]:
+        parts = {
+            "window": self.window.nbytes if self.window is not None else 0,
+            "full_kv": self.kv.nbytes() if self.kv is not None else 0,
+            "compressed_kv": self.compressed.nbytes() if self.compressed is not None else 0,
+            "indexer_keys": self.index_keys.nbytes() if self.index_keys is not None else 0,
+            "compressor_tail": sum(c.nbytes() for c in (self.compressor, self.index_compressor)
+                                   if c is not None),
+        }
+        return {name: n for name, n in parts.items() if n}
