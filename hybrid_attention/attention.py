@@ -242,7 +242,7 @@ class HybridAttention(nn.Module):
                     attended += float((picks >= 0).sum())
             probs = sink_softmax(torch.cat(scores, dim=-1), self.attn_sink)
             out = 0
-            for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values):
+            for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
                 if how == "window":
                     out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
                 elif how == "dense":

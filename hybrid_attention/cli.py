@@ -9,7 +9,7 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("hybrid_attention.demo", "run the 'small' stack (one layer per kind) beside dense SDPA"),
-    "plan": ("hybrid_attention.planner", "KV-cache, FLOPs and memory calculator for hybrid / MLA / GQA models"),
+    "plan": ("hybrid_attention.planner", "KV-cache, FLOPs and memory calculator (hybrid, MLA, GQA)"),
 }
 
 

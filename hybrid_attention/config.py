@@ -228,8 +228,9 @@ _PRESETS = {
     "small": lambda: dict(dim=1024, n_heads=8, head_dim=128, rope_head_dim=64, q_lora_rank=256,
                           o_groups=2, o_lora_rank=256, window_size=128, index_n_heads=8,
                           index_head_dim=64, index_topk=64, compress_ratios=[128, 4, 128, 4, 0]),
-    # A few-MB configuration for tests: every layer kind, short blocks so streams cross many.
-    "tiny": lambda: dict(dim=64, n_heads=4, head_dim=32, rope_head_dim=16, q_lora_rank=32,
+    # A small configuration for tests: every layer kind, short blocks so streams cross many,
+    # 64 non-rope dims so quant="official" (FP8 blocks of 64) applies too.
+    "tiny": lambda: dict(dim=64, n_heads=4, head_dim=80, rope_head_dim=16, q_lora_rank=32,
                          o_groups=2, o_lora_rank=32, window_size=8, index_n_heads=4,
                          index_head_dim=32, index_topk=4, compress_ratios=[4, 8, 0, FULL],
                          original_seq_len=64, max_seq_len=4096, query_block_size=16),

@@ -1,0 +1,39 @@
+import torch
+
+from hybrid_attention.config import yarn_correction_range
+from hybrid_attention.rope import apply_rope, rope_frequencies
+
+
+def test_yarn_frequencies_match_the_spec_check_values():
+    assert yarn_correction_range(64, 160000.0, 65536, 32.0, 1.0) == (15.0, 25.0)
+    freqs = rope_frequencies(64, 160000.0, 16.0, 65536, 32.0, 1.0)
+    expected = {1: 0.687656, 15: 0.00363554, 16: 0.00226562, 25: 5.37231e-6, 31: 5.68053e-7}
+    for k, value in expected.items():
+        assert abs(freqs[k].item() - value) <= 1e-5 * value, k
+    plain = rope_frequencies(64, 10000.0)
+    assert abs(plain[1].item() - 0.749894) < 1e-6 and abs(plain[31].item() - 1.33352e-4) < 1e-9
+
+
+def test_rope_rotates_interleaved_pairs_of_the_last_dims():
+    freqs = torch.tensor([0.5, 0.25])
+    x = torch.zeros(1, 2, 6)
+    x[0, :, 2:] = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    x[0, :, :2] = 7.0
+    out = apply_rope(x, torch.tensor([0, 3]), freqs)
+    assert torch.equal(out[0, 0], x[0, 0])  # position 0: no rotation
+    angle0, angle1 = torch.tensor(3 * 0.5), torch.tensor(3 * 0.25)
+    # pair (a, b) = (1, 0) -> (cos, sin); pair (0, 2) -> (-2 sin, 2 cos)
+    expected = torch.tensor([7.0, 7.0, angle0.cos(), angle0.sin(), -2 * angle1.sin(), 2 * angle1.cos()])
+    torch.testing.assert_close(out[0, 1], expected)
+
+
+def test_inverse_undoes_rope_and_relative_positions_survive():
+    freqs = rope_frequencies(16, 160000.0, 16.0, 64, 32.0, 1.0)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 3, 32), torch.randn(1, 1, 32)
+    back = apply_rope(apply_rope(q, torch.tensor([1234]), freqs), torch.tensor([1234]), freqs, inverse=True)
+    torch.testing.assert_close(back, q, atol=1e-5, rtol=1e-5)
+    # q at t and k at p: the score depends only on t - p
+    s1 = apply_rope(q, torch.tensor([10]), freqs)[0, 0, 0] @ apply_rope(k, torch.tensor([4]), freqs)[0, 0]
+    s2 = apply_rope(q, torch.tensor([106]), freqs)[0, 0, 0] @ apply_rope(k, torch.tensor([100]), freqs)[0, 0]
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
