@@ -27,18 +27,31 @@ class GrowingRows:
         return self._data[:, : self.length]
 
     def with_appended(self, rows: torch.Tensor) -> torch.Tensor:
-        """All rows so far plus `rows`, without committing them."""
-        return torch.cat((self.view(), rows.to(self._data.dtype)), dim=1)
+        """All rows so far plus `rows`, without committing them (`length` is unchanged).
+
+        Rows without autograd history are staged in the spare capacity, so a decode step does not
+        copy the whole history; rows that carry gradients are concatenated instead."""
+        if self.length == 0:
+            return rows.to(self._data.dtype)
+        if rows.requires_grad:
+            return torch.cat((self.view(), rows.to(self._data.dtype)), dim=1)
+        end = self.length + rows.size(1)
+        self._reserve(end)
+        self._data[:, self.length:end] = rows
+        return self._data[:, :end]
 
     def append(self, rows: torch.Tensor) -> None:
-        needed = self.length + rows.size(1)
+        end = self.length + rows.size(1)
+        self._reserve(end)
+        self._data[:, self.length:end] = rows.detach()
+        self.length = end
+
+    def _reserve(self, needed: int) -> None:
         if needed > self._data.size(1):
             grown = self._data.new_empty(self._data.size(0), max(needed, 2 * self._data.size(1)),
                                          self._data.size(2))
             grown[:, : self.length] = self.view()
             self._data = grown
-        self._data[:, self.length:needed] = rows.detach()
-        self.length = needed
 
     def nbytes(self) -> int:
         return self.view().nbytes

@@ -46,3 +46,7 @@ def layer_of_kind(cfg: AttentionConfig, kind: str, seed: int = 0, dtype=None) ->
             elif name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return layer
+
+
+# The tests use tiny shapes, where one thread is fastest and immune to a busy neighbour.
+torch.set_num_threads(1)

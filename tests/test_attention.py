@@ -88,8 +88,10 @@ def test_matches_the_official_ring_buffer_decode(kind):
         state = layer.new_state(2)
         layer(x[:, :11], state=state)
         for t in range(11, 30):
+            entries = state.compressed.length if state.compressed is not None else 0
             expected = layer.reference_forward(x[:, t:t + 1], state)
             assert state.pos == t  # the reference path leaves the state alone
+            assert (state.compressed.length if state.compressed is not None else 0) == entries
             assert_close(f"{kind}@{t}", expected, layer(x[:, t:t + 1], state=state))
 
 
