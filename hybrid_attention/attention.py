@@ -223,19 +223,21 @@ class HybridAttention(nn.Module):
             picks = None
             if compressed is not None:
                 visible = visible_entries(pos, self.ratio)  # [n]
+                # No query of the block sees past its last query's entries: skip the rest.
+                n_visible = int(visible[-1])
+                entries = compressed[:, :n_visible]
+                block_keys = index_keys[:, :n_visible] if index_keys is not None else None
                 if self.kind == "hca" or dense_csa:
-                    z = torch.einsum("bqhd,btd->bqht", q_blk, compressed.float()) * self.scale
-                    hidden = torch.arange(compressed.size(1), device=q.device) >= visible[:, None]
+                    z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float()) * self.scale
+                    hidden = torch.arange(n_visible, device=q.device) >= visible[:, None]
                     scores.append(z.masked_fill(hidden[None, :, None], float("-inf")))
-                    values.append(("dense", compressed))
+                    values.append(("dense", entries))
                     attended += float((~hidden).sum()) * b
                 else:
                     with torch.no_grad():
-                        ranking = index_scores(qi[:, a:e], head_weights[:, a:e], index_keys)
-                        k = min(self.cfg.index_topk, index_keys.size(1))
-                        picks = select_entries(ranking, visible, k) if k else ranking.new_zeros(
-                            b, e - a, 0, dtype=torch.long)
-                    rows = gather_rows(compressed, picks.clamp_min(0))  # [b, n, k, d]
+                        ranking = index_scores(qi[:, a:e], head_weights[:, a:e], block_keys)
+                        picks = select_entries(ranking, visible, min(self.cfg.index_topk, n_visible))
+                    rows = gather_rows(entries, picks.clamp_min(0))  # [b, n, k, d]
                     z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float()) * self.scale
                     scores.append(z.masked_fill((picks < 0)[:, :, None], float("-inf")))
                     values.append(("gathered", rows))
@@ -253,7 +255,7 @@ class HybridAttention(nn.Module):
             if return_aux and self.kind == "csa":
                 entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
                 losses.append(self._indexer_loss_terms(
-                    entry_probs, qi[:, a:e], head_weights[:, a:e], index_keys, picks, visible))
+                    entry_probs, qi[:, a:e], head_weights[:, a:e], block_keys, picks, visible))
         o = torch.cat(outputs, dim=1)  # [b, s, h, d] fp32
         aux = {"attended_keys": attended / (b * s)}
         if return_aux:
