@@ -1,5 +1,5 @@
 """`hybrid-attention` command line. Each subcommand lives in its own module, which provides
-`add_arguments(parser)` and `run(args) -> int`; they are imported only when used."""
+`add_arguments(parser)` and `run(args) -> int`."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import AttentionConfig
 
@@ -123,7 +123,8 @@ class GQASpec:
 
 @dataclass
 class FFNSpec:
-    """Dense layers first (`n_dense_layers` of width `dense_intermediate`), then MoE layers."""
+    """The first `n_dense_layers` dense (width `dense_intermediate`), then MoE layers; without
+    routed experts every layer is dense."""
 
     n_dense_layers: int = 0
     dense_intermediate: int = 0
@@ -132,6 +133,9 @@ class FFNSpec:
     expert_intermediate: int = 0
     shared_intermediate: int = 0  # all shared experts together
     n_hash_layers: int = 0  # DeepSeek-V4: the first MoE layers route by token id (a lookup table)
+
+    def is_dense(self, layer_id: int) -> bool:
+        return layer_id < self.n_dense_layers or not self.n_routed_experts
 
 
 @dataclass
@@ -248,16 +252,21 @@ def _getter(hf: dict):
     return get
 
 
+HYBRID_KEYS = ("compress_ratios", "o_groups", "o_lora_rank")  # any of them: a DeepSeek-V4 config
+MLA_KEYS = ("kv_lora_rank", "qk_nope_head_dim")
+
+
 def model_from_hf_config(hf: dict, name: str = "model") -> ModelSpec:
-    """DeepSeek-V4 (has `compress_ratios`), DeepSeek-V2/V3/V3.2 (has `kv_lora_rank`), else GQA/MHA."""
+    """DeepSeek-V4 (`compress_ratios`, `o_groups`), DeepSeek-V2/V3/V3.2 (`kv_lora_rank`,
+    `qk_nope_head_dim`), else GQA / MHA. A needed key that is missing raises a ValueError naming it."""
     get = _getter(hf)
     dim = get("hidden_size", required=True)
     n_layers = get("num_hidden_layers", required=True)
     n_mtp = get("num_nextn_predict_layers", 0)
-    if "compress_ratios" in hf:
+    if any(key in hf for key in HYBRID_KEYS):
         attention = AttentionConfig.from_hf_config(hf)
         n_mtp = attention.n_total_layers - attention.n_layers
-    elif "kv_lora_rank" in hf:
+    elif any(key in hf for key in MLA_KEYS):
         index_topk = get("index_topk", 0)
         attention = MLASpec(
             n_heads=get("num_attention_heads", required=True),
@@ -266,8 +275,8 @@ def model_from_hf_config(hf: dict, name: str = "model") -> ModelSpec:
             qk_nope_head_dim=get("qk_nope_head_dim", required=True),
             qk_rope_head_dim=get("qk_rope_head_dim", required=True),
             v_head_dim=get("v_head_dim", required=True),
-            index_n_heads=get("index_n_heads", required=bool(index_topk)) if index_topk else 0,
-            index_head_dim=get("index_head_dim", required=bool(index_topk)) if index_topk else 0,
+            index_n_heads=get("index_n_heads", required=True) if index_topk else 0,
+            index_head_dim=get("index_head_dim", required=True) if index_topk else 0,
             index_topk=index_topk,
         )
     else:
@@ -299,7 +308,7 @@ def _ffn_from_hf(hf: dict) -> FFNSpec | None:
     if not routed:
         if "intermediate_size" not in hf:
             return None
-        return FFNSpec(n_dense_layers=get("num_hidden_layers"), dense_intermediate=hf["intermediate_size"])
+        return FFNSpec(dense_intermediate=hf["intermediate_size"])
     n_dense = get("first_k_dense_replace", 0)
     expert_width = get("moe_intermediate_size") or get("intermediate_size", required=True)
     shared = get("shared_expert_intermediate_size") or get("n_shared_experts", 0) * expert_width
@@ -367,15 +376,17 @@ def _layer_kv_bytes(model: ModelSpec, layer_id: int, kind: str, context: int,
     if isinstance(att, AttentionConfig):
         ratio = att.compress_ratio(layer_id)
         rows = _hybrid_rows(att, kind, ratio, context)
-        entry = lambda key: fmt[key].row_bytes(att.head_dim, att.rope_head_dim)
+        entry = lambda key: fmt[key].row_bytes(att.head_dim, att.rope_head_dim)  # rope dims kept bf16
         parts = {
             "window": rows["window"] * entry("window"),
             "full": rows["full"] * entry("full"),
-            f"{kind}_compressed": rows["compressed"] * entry(f"{kind}_compressed") if ratio else 0,
-            "csa_indexer_keys": rows["indexer_keys"] * fmt["csa_indexer_keys"].row_bytes(att.index_head_dim)
-            if kind == "csa" else 0,
             "compressor_tail": rows["tail_values"] * fmt["compressor_tail"].bits // 8,
         }
+        if ratio:
+            parts[f"{kind}_compressed"] = rows["compressed"] * entry(f"{kind}_compressed")
+        if kind == "csa":  # keys are rotated and quantised over every dim (SPEC 5.2)
+            parts["csa_indexer_keys"] = rows["indexer_keys"] * fmt["csa_indexer_keys"].row_bytes(
+                att.index_head_dim)
     elif isinstance(att, MLASpec):
         latent = fmt["mla_latent"].row_bytes(att.kv_lora_rank + att.qk_rope_head_dim, att.qk_rope_head_dim)
         parts = {"mla_latent": context * latent}
@@ -395,8 +406,10 @@ def kv_cache_bytes_per_layer(model: ModelSpec | AttentionConfig, context: int, b
     formats = resolve_precisions(model, precisions)
     out = []
     for layer_id, kind in model.layers(include_mtp):
-        by_type = {k: batch * n for k, n in _layer_kv_bytes(model, layer_id, kind, context, formats).items()}
-        out.append({"layer": layer_id, "kind": kind, "bytes_by_type": by_type, "bytes": sum(by_type.values())})
+        one = _layer_kv_bytes(model, layer_id, kind, context, formats)
+        by_type = {key: batch * n for key, n in one.items()}
+        out.append({"layer": layer_id, "kind": kind, "bytes_by_type": by_type,
+                    "bytes": sum(by_type.values())})
     return out
 
 
@@ -510,13 +523,14 @@ class FlopTerm:
 
 ATTENTION_COMPONENTS = ("projections", "compressor", "indexer_projections", "indexer_scoring", "topk",
                         "window_attention", "compressed_attention", "full_attention", "attention")
-MODEL_COMPONENTS = ("ffn", "moe_gate", "hyper_connections", "lm_head", "mtp")
 
-# Relative cost of a FLOP by the precision its tensor-core instruction runs at (bf16 = 1; fp8 and fp4
-# run at 2x and 4x the bf16 rate on current NVIDIA parts; fp32 via TF32 at half). Used only by
-# `flops_accounting="tensor-core"`; the default counts every FLOP alike.
-TENSOR_CORE_COST = {"fp32": 2.0, "bf16": 1.0, "fp8": 0.5, "fp4": 0.25, "other": 1.0}
-FLOP_ACCOUNTING = ("plain", "tensor-core")
+# "bf16-equivalent" accounting weighs each FLOP by the tensor-core rate of the precision it runs at:
+# FP8 and FP4 matmuls run at 2x and 4x the bf16 rate on current NVIDIA parts, so they count 1/2 and
+# 1/4. The fp32 matmuls (compressors, V4's gate and head) use bf16 checkpoint weights and count as
+# bf16. "plain" counts every FLOP alike.
+FLOP_COST = {"fp32": 1.0, "bf16": 1.0, "fp8": 0.5, "fp4": 0.25, "other": 1.0}
+FLOP_ACCOUNTING = ("plain", "bf16-equivalent")
+DEFAULT_ACCOUNTING = "bf16-equivalent"  # what `plan` and the CLI report; see docs/planner.md
 
 
 def _hybrid_attention_terms(model: ModelSpec, cfg: AttentionConfig, layer_id: int, kind: str) -> list:
@@ -604,7 +618,7 @@ def _gqa_attention_terms(model: ModelSpec, att: GQASpec) -> list:
 
 def _ffn_terms(model: ModelSpec, layer_id: int) -> list:
     ffn, dim = model.ffn, model.dim
-    if layer_id < ffn.n_dense_layers:
+    if ffn.is_dense(layer_id):
         return [FlopTerm("ffn", 2 * 3 * dim * ffn.dense_intermediate, model.weight_format)]
     # Routed experts: FP4 weights meet FP8 activations, which runs at the FP8 rate (SPEC 3.1).
     expert_precision = "fp8" if model.expert_format == "fp4" else model.expert_format
@@ -658,13 +672,14 @@ def flop_terms(model: ModelSpec | AttentionConfig, include_mtp: bool = False,
     return out
 
 
-def _sum_terms(model, include_mtp, whole_model, value, accounting) -> dict[str, float]:
+def _sum_terms(model: ModelSpec | AttentionConfig, include_mtp: bool, whole_model: bool,
+               value: Callable[[FlopTerm], int], accounting: str) -> dict[str, float]:
     if accounting not in FLOP_ACCOUNTING:
         raise ValueError(f"flops accounting must be one of {FLOP_ACCOUNTING}, got {accounting!r}")
     by_component: dict[str, float] = {}
     for _, _, terms in flop_terms(model, include_mtp, whole_model):
         for term in terms:
-            weight = TENSOR_CORE_COST[term.precision] if accounting == "tensor-core" else 1
+            weight = FLOP_COST[term.precision] if accounting == "bf16-equivalent" else 1
             by_component[term.component] = by_component.get(term.component, 0) + weight * value(term)
     if accounting == "plain":
         by_component = {key: int(v) for key, v in by_component.items()}
@@ -675,9 +690,10 @@ def decode_flops(model: ModelSpec | AttentionConfig, context: int, include_mtp: 
                  whole_model: bool = True, accounting: str = "plain") -> dict[str, float]:
     """FLOPs of one decoded token at context L (position L - 1), per sequence, by component.
 
-    Counts 2 FLOPs per multiply-add of every matmul-like step; elementwise work (norms, RoPE,
-    softmax, SwiGLU, quantisation, the Hadamard rotation) is left out. `whole_model=False` (or a
-    config without FFN / vocab) gives the attention layers alone."""
+    Counts 2 FLOPs per multiply-add of every matmul-like step and one per top-k comparison;
+    elementwise work (norms, RoPE, softmax, SwiGLU, quantisation, the Hadamard rotation) is left
+    out. `whole_model=False` (or a config without FFN / vocab) gives the attention layers alone.
+    `accounting="bf16-equivalent"` weighs each FLOP by the cost of its precision (`FLOP_COST`)."""
     _check_counts(context, 1)
     return _sum_terms(model, include_mtp, whole_model, lambda t: t.decode(context), accounting)
 
@@ -730,121 +746,117 @@ def _tensor_bytes(out_features: int, in_features: int, fmt: str, scale_bytes: in
     return n * {"fp32": 4, "bf16": 2, "int32": 4}[fmt]
 
 
-def _weight_tensors(model: ModelSpec, include_mtp: bool) -> list[tuple[str, int, int, str]]:
-    """(group, out, in, format) of every checkpoint tensor; vectors are [n, 1]."""
-    dim, lin, out = model.dim, model.weight_format, []
-    att = model.attention
+def _weight_tensors(model: ModelSpec, include_mtp: bool) -> list[tuple[str, int, int, str, bool]]:
+    """(group, out, in, format, in an MTP block) of every checkpoint tensor; vectors are [n, 1]."""
+    dim, lin, att, out = model.dim, model.weight_format, model.attention, []
+    mtp = False
 
     def add(group, rows, cols, fmt):
-        out.append((group, rows, cols, fmt))
+        out.append((group, rows, cols, fmt, mtp))
 
     for layer_id, kind in model.layers(include_mtp):
-        group = "mtp" if layer_id >= model.n_layers else "attention"
+        mtp = layer_id >= model.n_layers
         if isinstance(att, AttentionConfig):
             h, d, q_lora = att.n_heads, att.head_dim, att.q_lora_rank
             g, r = att.o_groups, att.o_lora_rank
-            add(group, h, 1, "fp32")  # attn_sink
-            add(group, q_lora, dim, lin)  # wq_a
-            add(group, h * d, q_lora, lin)  # wq_b
-            add(group, d, dim, lin)  # wkv
-            add(group, g * r, h * d // g, lin)  # wo_a
-            add(group, dim, g * r, lin)  # wo_b
-            add(group, q_lora + d, 1, "bf16")  # q_norm, kv_norm
+            add("attention", h, 1, "fp32")  # attn_sink
+            add("attention", q_lora, dim, lin)  # wq_a
+            add("attention", h * d, q_lora, lin)  # wq_b
+            add("attention", d, dim, lin)  # wkv
+            add("attention", g * r, h * d // g, lin)  # wo_a
+            add("attention", dim, g * r, lin)  # wo_b
+            add("attention", q_lora + d, 1, "bf16")  # q_norm, kv_norm
             ratio = att.compress_ratio(layer_id)
             if ratio:
                 width = (2 if kind == "csa" else 1) * d
-                add(group, ratio, width, "fp32")  # ape
-                add(group, 2 * width, dim, "bf16")  # compressor wkv, wgate
-                add(group, d, 1, "bf16")
+                add("attention", ratio, width, "fp32")  # ape
+                add("attention", 2 * width, dim, "bf16")  # compressor wkv, wgate
+                add("attention", d, 1, "bf16")
             if kind == "csa":
                 hi, di = att.index_n_heads, att.index_head_dim
-                add(group, hi * di, q_lora, lin)  # indexer wq_b
-                add(group, hi, dim, "bf16")  # weights_proj
-                add(group, ratio, 2 * di, "fp32")  # indexer compressor ape
-                add(group, 2 * 2 * di, dim, "bf16")  # its wkv, wgate
-                add(group, di, 1, "bf16")
+                add("attention", hi * di, q_lora, lin)  # indexer wq_b
+                add("attention", hi, dim, "bf16")  # weights_proj
+                add("attention", ratio, 2 * di, "fp32")  # indexer compressor ape
+                add("attention", 2 * 2 * di, dim, "bf16")  # its wkv, wgate
+                add("attention", di, 1, "bf16")
         elif isinstance(att, MLASpec):
             h, qk = att.n_heads, att.qk_nope_head_dim + att.qk_rope_head_dim
             if att.q_lora_rank:
-                add(group, att.q_lora_rank, dim, lin)
-                add(group, h * qk, att.q_lora_rank, lin)
-                add(group, att.q_lora_rank, 1, "bf16")
+                add("attention", att.q_lora_rank, dim, lin)  # q_a_proj
+                add("attention", h * qk, att.q_lora_rank, lin)  # q_b_proj
+                add("attention", att.q_lora_rank, 1, "bf16")
             else:
-                add(group, h * qk, dim, lin)
-            add(group, att.kv_lora_rank + att.qk_rope_head_dim, dim, lin)  # kv_a_proj_with_mqa
-            add(group, h * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank, lin)  # kv_b_proj
-            add(group, dim, h * att.v_head_dim, lin)  # o_proj
-            add(group, att.kv_lora_rank, 1, "bf16")
+                add("attention", h * qk, dim, lin)
+            add("attention", att.kv_lora_rank + att.qk_rope_head_dim, dim, lin)  # kv_a_proj_with_mqa
+            add("attention", h * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank, lin)  # kv_b_proj
+            add("attention", dim, h * att.v_head_dim, lin)  # o_proj
+            add("attention", att.kv_lora_rank, 1, "bf16")
             if att.index_topk:
                 hi, di = att.index_n_heads, att.index_head_dim
-                add(group, hi * di, att.q_lora_rank or dim, lin)  # wq_b
-                add(group, di, dim, lin)  # wk
-                add(group, 2 * di, 1, "bf16")  # k_norm weight and bias
-                add(group, hi, dim, "bf16")  # weights_proj
+                add("attention", hi * di, att.q_lora_rank or dim, lin)  # wq_b
+                add("attention", di, dim, lin)  # wk
+                add("attention", 2 * di, 1, "bf16")  # k_norm weight and bias
+                add("attention", hi, dim, "bf16")  # weights_proj
         else:
-            add(group, att.n_heads * att.head_dim, dim, lin)
-            add(group, 2 * att.n_kv_heads * att.head_dim, dim, lin)
-            add(group, dim, att.n_heads * att.head_dim, lin)
+            add("attention", att.n_heads * att.head_dim, dim, lin)  # q
+            add("attention", 2 * att.n_kv_heads * att.head_dim, dim, lin)  # k, v
+            add("attention", dim, att.n_heads * att.head_dim, lin)  # o
         if not model.whole_model:
             continue
         ffn = model.ffn
-        add(group, 2 * dim, 1, "bf16")  # the block's two norms
-        if layer_id < ffn.n_dense_layers:
-            add("ffn" if group == "attention" else group, 3 * ffn.dense_intermediate, dim, lin)
+        add("norms", 2 * dim, 1, "bf16")  # the block's two norms
+        if ffn.is_dense(layer_id):
+            add("ffn", 3 * ffn.dense_intermediate, dim, lin)
         else:
-            moe = "moe_routed" if group == "attention" else group
-            add(moe, 3 * ffn.n_routed_experts * ffn.expert_intermediate, dim, model.expert_format)
+            add("moe_routed", 3 * ffn.n_routed_experts * ffn.expert_intermediate, dim, model.expert_format)
             if ffn.shared_intermediate:
-                add("moe_shared" if group == "attention" else group, 3 * ffn.shared_intermediate, dim, lin)
-            add("moe_gate" if group == "attention" else group, ffn.n_routed_experts, dim, "bf16")
+                add("moe_shared", 3 * ffn.shared_intermediate, dim, lin)
+            add("moe_gate", ffn.n_routed_experts, dim, "bf16")
             if layer_id < ffn.n_hash_layers:
-                add("moe_gate" if group == "attention" else group, model.vocab_size,
-                    ffn.experts_per_token, "int32")  # tid2eid
+                add("moe_gate", model.vocab_size, ffn.experts_per_token, "int32")  # tid2eid
             else:
-                add("moe_gate" if group == "attention" else group, ffn.n_routed_experts, 1, "fp32")  # bias
+                add("moe_gate", ffn.n_routed_experts, 1, "fp32")  # routing bias
         if model.hc_mult > 1:
             hc = model.hc_mult
-            mix = (2 + hc) * hc
-            add("hyper_connections" if group == "attention" else group, 2 * mix, hc * dim + 1, "fp32")
-        if group == "mtp":
-            add(group, dim, 2 * dim, lin)  # e_proj + h_proj (V4) or eh_proj (V3)
-            add(group, 3 * dim, 1, "bf16")  # its norms; embedding and head are shared
+            add("hyper_connections", 2 * (2 + hc) * hc, hc * dim + 1, "fp32")  # fn and base, twice
+        if mtp:
+            add("attention", dim, 2 * dim, lin)  # e_proj + h_proj (V4) or eh_proj (V3)
+            add("norms", 3 * dim, 1, "bf16")  # embedding and head are shared with the main model
+    mtp = False
     if model.whole_model:
         add("embedding", model.vocab_size, dim, "bf16")
         if not model.tie_word_embeddings:
             add("lm_head", model.vocab_size, dim, "bf16")
-        add("lm_head", dim, 1, "bf16")  # final norm
+        add("norms", dim, 1, "bf16")
         if model.hc_mult > 1:
             add("hyper_connections", model.hc_mult, model.hc_mult * dim + 1, "fp32")
     return out
 
 
 def weights_bytes_by_group(model: ModelSpec | AttentionConfig, include_mtp: bool = False) -> dict[str, int]:
-    """Checkpoint bytes by group, at the checkpoint's precisions (FP8 linears with 128x128 block
-    scales, V4's FP4 routed experts with a ue8m0 scale per 32, bf16 embedding / head / norms,
-    fp32 sinks, ape and hyper-connection weights). Attention only for an attention-only config."""
+    """Checkpoint bytes by group (MTP blocks in "mtp"), at the checkpoint's precisions: FP8 linears
+    with 128x128 block scales, V4's FP4 routed experts with a ue8m0 scale per 32, bf16 embedding,
+    head and norms, fp32 sinks, ape and hyper-connection weights. An attention-only config gives
+    the attention layers alone."""
     model = as_model(model)
     totals: dict[str, int] = {}
-    for group, rows, cols, fmt in _weight_tensors(model, include_mtp):
-        totals[group] = totals.get(group, 0) + _tensor_bytes(rows, cols, fmt, model.fp8_scale_bytes)
+    for group, rows, cols, fmt, mtp in _weight_tensors(model, include_mtp):
+        key = "mtp" if mtp else group
+        totals[key] = totals.get(key, 0) + _tensor_bytes(rows, cols, fmt, model.fp8_scale_bytes)
     return totals
 
 
 def parameter_counts(model: ModelSpec | AttentionConfig, include_mtp: bool = False) -> dict[str, int]:
     """{"total", "activated"}: parameters, and those one token uses (DeepSeek's convention: the
-    embedding counts, routed experts count for the ones chosen)."""
+    embedding counts, routed experts only for the ones chosen, lookup tables not at all)."""
     model = as_model(model)
     total = activated = 0
-    ffn = model.ffn
-    for group, rows, cols, fmt in _weight_tensors(model, include_mtp):
+    for group, rows, cols, fmt, _ in _weight_tensors(model, include_mtp):
         n = rows * cols
         total += n
-        if group == "moe_routed" or (group == "mtp" and ffn and rows == 3 * ffn.n_routed_experts
-                                     * ffn.expert_intermediate):
-            n = n * ffn.experts_per_token // ffn.n_routed_experts
-        if fmt == "int32":
-            n = 0
-        activated += n
+        if group == "moe_routed":
+            n = n * model.ffn.experts_per_token // model.ffn.n_routed_experts
+        activated += 0 if fmt == "int32" else n
     return {"total": total, "activated": activated}
 
 
@@ -905,23 +917,26 @@ def parse_context(text: str | int) -> int:
 def longest_context(model: ModelSpec, memory: int, batch: int = 1, precisions: dict | None = None,
                     include_mtp: bool = False, limit: int = 1 << 40) -> dict:
     """The longest context whose KV cache (for `batch` sequences) fits in `memory` next to the
-    weights. Activations and workspace are not counted."""
-    weights = weights_bytes(model, include_mtp) if model.whole_model else 0
-    free = memory - weights
+    weights; activations and workspace are not counted. "memory_limit_context" is what memory
+    alone allows (`limit` and "unbounded" when the cache stops growing); "longest_context" also
+    respects the model's `max_position_embeddings` when the config gives one."""
+    weights = weights_bytes(model, include_mtp) if model.whole_model else None
+    free = memory - (weights or 0)
     fits = lambda n: kv_cache_bytes(model, n, batch, precisions, include_mtp) <= free
-    result = {"memory_bytes": memory, "weights_bytes": weights if model.whole_model else None,
-              "batch": batch, "free_bytes": free, "longest_context": 0, "unbounded": False}
-    if free <= 0 or not fits(1):
-        return result
-    if fits(limit):
-        result.update(longest_context=limit, unbounded=True)
-        return result
-    low, high = 1, limit  # fits(low), not fits(high); the cache only grows with the context
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    result["longest_context"] = low
-    return result
+    reach, unbounded = 0, False
+    if free > 0 and fits(1):
+        if fits(limit):
+            reach, unbounded = limit, True
+        else:
+            low, high = 1, limit  # fits(low), not fits(high); the cache only grows with the context
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid)
+            reach = low
+    cap = model.max_position_embeddings
+    return {"memory_bytes": memory, "weights_bytes": weights, "batch": batch, "free_bytes": free,
+            "longest_context": min(reach, cap) if cap else reach, "memory_limit_context": reach,
+            "unbounded": unbounded, "max_position_embeddings": cap}
 
 
 # One model's plan ----------------------------------------------------------------------------
@@ -929,13 +944,22 @@ def longest_context(model: ModelSpec, memory: int, batch: int = 1, precisions: d
 
 def plan(model: ModelSpec | AttentionConfig, context: int, batch: int = 1,
          precisions: dict[str, str] | None = None, include_mtp: bool = False,
-         per_layer: bool = False) -> dict:
-    """Every figure for one model at one context, as the JSON output holds it."""
+         accounting: str = DEFAULT_ACCOUNTING, per_layer: bool = False) -> dict:
+    """Every figure for one model at one context, as the JSON output holds it. FLOPs are per
+    sequence in `accounting`; "plain_flops" repeats the three headline FLOP figures unweighted."""
     model = as_model(model)
-    decode = decode_flops(model, context, include_mtp)
-    prefill = prefill_flops(model, context, include_mtp)
-    weighted = decode_flops(model, context, include_mtp, accounting="tensor-core")
     whole = model.whole_model
+    flops = {}
+    for mode in dict.fromkeys((accounting, "plain")):
+        decode = decode_flops(model, context, include_mtp, accounting=mode)
+        prefill = prefill_flops(model, context, include_mtp, accounting=mode)
+        flops[mode] = {
+            "decode_flops_per_token": sum(decode.values()) if whole else None,
+            "attention_decode_flops_per_token": attention_only(decode),
+            "prefill_flops": sum(prefill.values()) if whole else None,
+            "attention_prefill_flops": attention_only(prefill),
+            "decode_flops_by_component": decode,
+        }
     by_type = kv_cache_bytes_by_type(model, context, batch, precisions, include_mtp)
     out = {
         "model": model.name,
@@ -946,12 +970,9 @@ def plan(model: ModelSpec | AttentionConfig, context: int, batch: int = 1,
         "kv_cache_bytes": sum(by_type.values()),
         "kv_cache_bytes_by_type": by_type,
         "kv_precisions": resolve_precisions(model, precisions),
-        "decode_flops_per_token": sum(decode.values()) if whole else None,
-        "attention_decode_flops_per_token": attention_only(decode),
-        "decode_flops_by_component": decode,
-        "tensor_core_weighted_decode_flops_per_token": sum(weighted.values()) if whole else None,
-        "prefill_flops": sum(prefill.values()) if whole else None,
-        "attention_prefill_flops": attention_only(prefill),
+        "flops_accounting": accounting,
+        **flops[accounting],
+        "plain_flops": {key: v for key, v in flops["plain"].items() if key != "decode_flops_by_component"},
         "decode_bytes_read_per_token": decode_bytes_read(model, context, precisions, include_mtp),
         "weights_bytes": weights_bytes(model, include_mtp) if whole else None,
         "weights_bytes_by_group": weights_bytes_by_group(model, include_mtp) if whole else None,
@@ -963,18 +984,21 @@ def plan(model: ModelSpec | AttentionConfig, context: int, batch: int = 1,
 
 
 RATIO_KEYS = ("kv_cache_bytes", "decode_flops_per_token", "prefill_flops", "attention_decode_flops_per_token",
-              "tensor_core_weighted_decode_flops_per_token", "decode_bytes_read_per_token")
+              "decode_bytes_read_per_token")
 
 
 def ratios(model_plan: dict, baseline_plan: dict) -> dict[str, float | None]:
-    out = {}
-    for key in RATIO_KEYS:
-        a, b = model_plan.get(key), baseline_plan.get(key)
-        out[key] = a / b if a is not None and b else None
+    """model / baseline for the headline figures, plus the unweighted FLOP ratios under "plain_*"."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    out = {key: ratio(model_plan.get(key), baseline_plan.get(key)) for key in RATIO_KEYS}
+    for key in ("decode_flops_per_token", "prefill_flops"):
+        out[f"plain_{key}"] = ratio(model_plan["plain_flops"][key], baseline_plan["plain_flops"][key])
     return out
 
 
-# Command line --------------------------------------------------------------------------------
+# Command line ------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -989,19 +1013,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    f"{', '.join(GPUS)} (or 8x<name>)")
     fit.add_argument("--memory", help="as --gpu, for a memory size such as 80GiB")
     parser.add_argument("--precision", action="append", default=[], metavar="TYPE=FORMAT",
-                        help=f"storage format of one cache type (or 'all'); types: "
-                             f"{', '.join(STORAGE_TYPES)}; formats: {', '.join(FORMATS)}")
+                        help=f"storage format of one cache type, or all=FORMAT for every entry type "
+                             f"(repeatable); types: {', '.join(STORAGE_TYPES)}; "
+                             f"formats: {', '.join(FORMATS)}")
+    parser.add_argument("--flops", choices=FLOP_ACCOUNTING, default=DEFAULT_ACCOUNTING,
+                        help="FLOP accounting: bf16-equivalent weighs FP8 / FP4 matmuls by 1/2 / 1/4 "
+                             f"(default {DEFAULT_ACCOUNTING}); plain counts every FLOP alike")
     parser.add_argument("--mtp", action="store_true", help="include the multi-token-prediction blocks")
     parser.add_argument("--per-layer", action="store_true", help="also list the KV cache of every layer")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.add_argument("--plot", metavar="PNG", help="draw KV bytes and decode FLOPs against context")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="draw KV bytes and decode FLOPs against context, 4K to 1M")
 
 
 def _parse_precisions(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key or not value:
+        if not sep or not key.strip() or not value.strip():
             raise ValueError(f"--precision takes TYPE=FORMAT (e.g. all=bf16), got {item!r}")
         out[key.strip()] = value.strip()
     return out
@@ -1012,18 +1041,23 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch must be a positive integer, got {args.batch}")
     precisions = _parse_precisions(args.precision)
-    model = load_preset(args.preset) if args.preset else load_config(args.config)
-    models = [model] + ([load_model(args.baseline)] if args.baseline else [])
-    plans = [plan(m, context, args.batch, precisions, args.mtp, args.per_layer) for m in models]
+    models = [load_preset(args.preset) if args.preset else load_config(args.config)]
+    if args.baseline:
+        models.append(load_model(args.baseline))
+    fit_device = None
+    if args.gpu or args.memory:  # check before the slow parts
+        fit_device = gpu_memory(args.gpu) if args.gpu else (args.memory, parse_memory(args.memory))
+    plans = [plan(m, context, args.batch, precisions, args.mtp, args.flops, args.per_layer) for m in models]
     report: dict[str, Any] = {"models": plans}
     if args.baseline:
         report["ratio_to_baseline"] = ratios(plans[0], plans[1])
-    if args.gpu or args.memory:
-        label, memory = gpu_memory(args.gpu) if args.gpu else (args.memory, parse_memory(args.memory))
-        report["fit"] = {"device": label, "models": [
-            dict(model=m.name, **longest_context(m, memory, args.batch, precisions, args.mtp)) for m in models]}
+    if fit_device:
+        label, memory = fit_device
+        fits = [dict(model=m.name, **longest_context(m, memory, args.batch, precisions, args.mtp))
+                for m in models]
+        report["fit"] = {"device": label, "models": fits}
     if args.plot:
-        plot(models, args.plot, args.batch, precisions, args.mtp)
+        plot(models, args.plot, args.batch, precisions, args.mtp, args.flops)
         report["plot"] = args.plot
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -1051,48 +1085,48 @@ def human_flops(n: float | None) -> str:
 
 
 def _percent(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "" if x is None else f"{100 * x:.1f}%"
 
 
 def format_report(report: dict) -> str:
-    plans = report["models"]
-    ratio = report.get("ratio_to_baseline")
-    rows: list[tuple[str, list[str], str]] = []
+    """The side-by-side table (ratios in the last column when there is a baseline)."""
+    plans, ratio = report["models"], report.get("ratio_to_baseline") or {}
+    accounting = plans[0]["flops_accounting"]
+    rows: list[list[str]] = [["family", *[p["family"] for p in plans], ""],
+                             ["context (tokens)", *[f"{p['context']:,}" for p in plans], ""]]
 
-    def row(label, key, fmt, ratio_key=None):
-        rows.append((label, [fmt(p.get(key)) for p in plans], _percent(ratio.get(ratio_key)) if ratio
-                     and ratio_key else ""))
+    def add(label, values, fmt, ratio_key=None):
+        rows.append([label, *[fmt(v) for v in values], _percent(ratio.get(ratio_key))])
 
-    batch = plans[0]["batch"]
-    rows.append(("family", [p["family"] for p in plans], ""))
-    rows.append(("context (tokens)", [f"{p['context']:,}" for p in plans], ""))
-    row(f"KV cache, batch {batch}", "kv_cache_bytes", human_bytes, "kv_cache_bytes")
-    types = list(dict.fromkeys(k for p in plans for k in p["kv_cache_bytes_by_type"]))
-    for key in types:
-        cells = []
-        for p in plans:
-            if key in p["kv_cache_bytes_by_type"]:
-                cells.append(f"{human_bytes(p['kv_cache_bytes_by_type'][key])} ({p['kv_precisions'][key]})")
-            else:
-                cells.append("")
-        rows.append((f"  {key}", cells, ""))
-    row("decode FLOPs / token", "decode_flops_per_token", human_flops, "decode_flops_per_token")
-    row("  attention only", "attention_decode_flops_per_token", human_flops,
+    add(f"KV cache (batch {plans[0]['batch']})", [p["kv_cache_bytes"] for p in plans], human_bytes,
+        "kv_cache_bytes")
+    for key in dict.fromkeys(k for p in plans for k, v in p["kv_cache_bytes_by_type"].items() if v):
+        cells = [f"{human_bytes(p['kv_cache_bytes_by_type'][key])} {p['kv_precisions'][key]}"
+                 if p["kv_cache_bytes_by_type"].get(key) else "" for p in plans]
+        rows.append([f"  {key}", *cells, ""])
+    add(f"decode FLOPs / token ({accounting})", [p["decode_flops_per_token"] for p in plans], human_flops,
+        "decode_flops_per_token")
+    add("  attention only", [p["attention_decode_flops_per_token"] for p in plans], human_flops,
         "attention_decode_flops_per_token")
-    row("  tensor-core weighted", "tensor_core_weighted_decode_flops_per_token", human_flops,
-        "tensor_core_weighted_decode_flops_per_token")
-    row("prefill FLOPs (whole prompt)", "prefill_flops", human_flops, "prefill_flops")
-    row("decode cache read / token", "decode_bytes_read_per_token", human_bytes, "decode_bytes_read_per_token")
-    row("weights", "weights_bytes", human_bytes)
-    rows.append(("parameters (total / activated)",
-                 [f"{p['parameters']['total'] / 1e9:.1f}B / {p['parameters']['activated'] / 1e9:.1f}B"
-                  if p["parameters"] else "-" for p in plans], ""))
+    if accounting != "plain":
+        add("  plain count", [p["plain_flops"]["decode_flops_per_token"] for p in plans], human_flops,
+            "plain_decode_flops_per_token")
+    add(f"prefill FLOPs ({accounting})", [p["prefill_flops"] for p in plans], human_flops, "prefill_flops")
+    if accounting != "plain":
+        add("  plain count", [p["plain_flops"]["prefill_flops"] for p in plans], human_flops,
+            "plain_prefill_flops")
+    add("decode cache read / token", [p["decode_bytes_read_per_token"] for p in plans], human_bytes,
+        "decode_bytes_read_per_token")
+    add("weights", [p["weights_bytes"] for p in plans], human_bytes)
+    rows.append(["parameters total / activated",
+                 *[f"{p['parameters']['total'] / 1e9:.1f}B / {p['parameters']['activated'] / 1e9:.1f}B"
+                   if p["parameters"] else "-" for p in plans], ""])
 
-    header = ["", *[p["model"] for p in plans]] + (["ratio"] if ratio else [])
-    table = [header] + [[label, *cells] + ([r] if ratio else []) for label, cells, r in rows]
+    header = ["", *[p["model"] for p in plans], "ratio" if ratio else ""]
+    table = [header] + rows
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                       enumerate(zip(line, widths))).rstrip() for line in table]
+                       enumerate(zip(line, widths, strict=True))).rstrip() for line in table]
     if "fit" in report:
         lines.append("")
         for fit in report["fit"]["models"]:
@@ -1103,23 +1137,26 @@ def format_report(report: dict) -> str:
             lines += ["", f"{p['model']}: KV cache per layer (batch {p['batch']})"]
             for layer in p["kv_cache_per_layer"]:
                 parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in layer["bytes_by_type"].items())
-                lines.append(f"  layer {layer['layer']:>3} {layer['kind']:<6} {human_bytes(layer['bytes']):>10}"
-                             f"  {parts}")
+                lines.append(f"  layer {layer['layer']:>3} {layer['kind']:<6} "
+                             f"{human_bytes(layer['bytes']):>10}  {parts}")
     if any(not p["parameters"] for p in plans):
-        lines += ["", "'-': the config describes attention only (no FFN / vocab), so no whole-model figure."]
+        lines += ["", "'-': the config describes attention only (no FFN / vocab): no whole-model figure."]
+    if "plot" in report:
+        lines += ["", f"plot written to {report['plot']}"]
     return "\n".join(lines)
 
 
 def _fit_sentence(fit: dict) -> str:
-    weights = fit["weights_bytes"]
+    weights, reach, cap = fit["weights_bytes"], fit["memory_limit_context"], fit["max_position_embeddings"]
     if weights is not None and fit["free_bytes"] <= 0:
         return f"the weights alone ({human_bytes(weights)}) do not fit."
-    if fit["longest_context"] == 0:
+    if reach == 0:
         return "not even one token of cache fits next to the weights."
-    beside = f"next to {human_bytes(weights)} of weights" if weights is not None else "(weights unknown)"
-    if fit["unbounded"]:
-        return f"any context fits {beside}: the cache stops growing."
-    return f"longest context {fit['longest_context']:,} tokens {beside}."
+    beside = f"next to {human_bytes(weights)} of weights" if weights is not None else "(weights not counted)"
+    memory_says = ("any context: the cache stops growing" if fit["unbounded"] else f"{reach:,} tokens")
+    if cap and reach >= cap:
+        return f"the model's whole {cap:,}-token context fits {beside} (memory alone: {memory_says})."
+    return f"longest context {memory_says} {beside}."
 
 
 # Plot ----------------------------------------------------------------------------------------
@@ -1128,27 +1165,41 @@ PLOT_CONTEXTS = [int(round(4096 * 2 ** (i / 4))) for i in range(33)]  # 4K .. 1M
 
 
 def plot(models: list[ModelSpec], path: str, batch: int = 1, precisions: dict | None = None,
-         include_mtp: bool = False) -> None:
-    """KV cache bytes and decode FLOPs per token against context (log-log), one line per model."""
+         include_mtp: bool = False, accounting: str = DEFAULT_ACCOUNTING) -> None:
+    """KV cache bytes and decode FLOPs per token against context (log-log, 4K to 1M), one line per
+    model; with two or more models, each line is labelled at 1M with its ratio to the last one."""
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - matplotlib is the "plot" extra
         raise ValueError("--plot needs matplotlib (pip install 'hybrid-attention[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (ax_kv, ax_flops) = plt.subplots(1, 2, figsize=(11, 4.2))
+    curves = []
     for model in models:
         kv = [kv_cache_bytes(model, n, batch, precisions, include_mtp) / GiB for n in PLOT_CONTEXTS]
-        flops = [sum(decode_flops(model, n, include_mtp).values()) / 1e9 for n in PLOT_CONTEXTS]
+        flops = [sum(decode_flops(model, n, include_mtp, accounting=accounting).values()) / 1e9
+                 for n in PLOT_CONTEXTS]
         label = model.name if model.whole_model else f"{model.name} (attention only)"
         ax_kv.plot(PLOT_CONTEXTS, kv, label=label)
         ax_flops.plot(PLOT_CONTEXTS, flops, label=label)
+        curves.append((kv, flops))
+    if len(models) > 1:
+        base_kv, base_flops = curves[-1]
+        for kv, flops in curves[:-1]:
+            ax_kv.annotate(f"{100 * kv[-1] / base_kv[-1]:.1f}%", (PLOT_CONTEXTS[-1], kv[-1]),
+                           xytext=(-4, 6), textcoords="offset points", ha="right")
+            ax_flops.annotate(f"{100 * flops[-1] / base_flops[-1]:.1f}%", (PLOT_CONTEXTS[-1], flops[-1]),
+                              xytext=(-4, 6), textcoords="offset points", ha="right")
     for ax, title, unit in ((ax_kv, f"KV cache, batch {batch}", "GiB"),
-                            (ax_flops, "decode FLOPs per token", "GFLOP")):
+                            (ax_flops, f"decode FLOPs per token ({accounting})", "GFLOP")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([1 << k for k in range(12, 21, 2)], ["4K", "16K", "64K", "256K", "1M"])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(unit)
         ax.set_title(title)
