@@ -1,8 +1,9 @@
 """hybrid_attention: DeepSeek-V4 hybrid attention (CSA, HCA, sliding window, sink) in PyTorch."""
 
 from .attention import HybridAttention
-from .config import AttentionConfig
+from .config import AttentionConfig, ModelConfig
+from .model import HybridTransformer
 from .state import LayerState
 
-__all__ = ["AttentionConfig", "HybridAttention", "LayerState"]
+__all__ = ["AttentionConfig", "HybridAttention", "HybridTransformer", "LayerState", "ModelConfig"]
 __version__ = "0.1.0"

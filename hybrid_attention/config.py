@@ -249,3 +249,34 @@ def yarn_correction_range(rope_dim: int, theta: float, original_seq_len: int,
     if lo == hi:
         hi = lo + 0.001
     return float(lo), float(hi)
+
+
+@dataclass
+class ModelConfig:
+    """A small decoder LM around the attention stack: embedding, one block per entry of
+    `attention.compress_ratios` (RMSNorm, HybridAttention, RMSNorm, SwiGLU MLP), norm, LM head."""
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    vocab_size: int = 32000
+    ffn_hidden: int = 2816
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "ffn_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name}: must be a positive integer, got {value!r}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.attention.n_total_layers
+
+    def fingerprint(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """"small" and "tiny" reuse the attention presets; "v4-flash" / "v4-pro" give the real
+        attention shapes with a dense MLP stand-in (for memory and timing studies, not checkpoints)."""
+        attention = AttentionConfig.preset(name)
+        sizes = {"tiny": (256, 128), "small": (32000, 2816)}.get(name, (129280, 4 * attention.dim))
+        return cls(**{**dict(attention=attention, vocab_size=sizes[0], ffn_hidden=sizes[1]), **overrides})

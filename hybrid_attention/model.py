@@ -1,0 +1,108 @@
+"""HybridTransformer: the small decoder LM that the engine, the demo and training use.
+
+tokens -> embedding -> N x [x + attn(attn_norm(x)); x + ffn(ffn_norm(x))] -> norm -> head.
+Layer i is `HybridAttention(cfg.attention, i)`, so its kind comes from `compress_ratios[i]`.
+Parameter names follow the official checkpoint (`layers.{i}.attn_norm.weight`, `layers.{i}.attn.*`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import HybridAttention
+from .config import ModelConfig
+from .modules import RMSNorm
+from .state import LayerState
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(hidden, dim, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(dim, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        eps = cfg.attention.norm_eps
+        self.attn_norm = RMSNorm(cfg.attention.dim, eps)
+        self.attn = HybridAttention(cfg.attention, layer_id, dtype)
+        self.ffn_norm = RMSNorm(cfg.attention.dim, eps)
+        self.ffn = SwiGLU(cfg.attention.dim, cfg.ffn_hidden, dtype)
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None, return_aux: bool = False):
+        attn = self.attn(self.attn_norm(x), state=state, return_aux=return_aux)
+        attn, aux = attn if return_aux else (attn, None)
+        x = x + attn
+        x = x + self.ffn(self.ffn_norm(x))
+        return (x, aux) if return_aux else x
+
+
+class HybridTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.attention.dim
+        self.embed = nn.Embedding(cfg.vocab_size, dim, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(dim, cfg.attention.norm_eps)
+        self.head = nn.Linear(dim, cfg.vocab_size, bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, 1.0)
+
+    def new_states(self, batch_size: int, device=None) -> list[LayerState]:
+        """One streaming state per layer (see `HybridAttention.new_state`)."""
+        return [block.attn.new_state(batch_size, device) for block in self.layers]
+
+    def forward(self, tokens: torch.Tensor, states: list[LayerState] | None = None,
+                return_aux: bool = False):
+        """tokens [b, s] int -> logits [b, s, vocab] (fp32). With `states`, continue those sequences.
+
+        Errors leave every state untouched: inputs are checked here, and each layer checks its
+        own before changing anything; a layer fails only on inputs the first layer also rejects."""
+        self._check_tokens(tokens, states)
+        x = self.embed(tokens)
+        losses = []
+        for i, block in enumerate(self.layers):
+            state = states[i] if states is not None else None
+            if return_aux:
+                x, aux = block(x, state, return_aux=True)
+                losses.append(aux["indexer_loss"])
+            else:
+                x = block(x, state)
+        logits = self.head(self.norm(x)).float()
+        if return_aux:
+            return logits, {"indexer_loss": torch.stack(losses).sum()}
+        return logits
+
+    def _check_tokens(self, tokens: torch.Tensor, states) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a [batch, seq] integer tensor, got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if states is not None:
+            if len(states) != len(self.layers):
+                raise ValueError(f"states has {len(states)} entries, the model has {len(self.layers)} layers")
+            positions = {s.pos for s in states}
+            if len(positions) != 1:
+                raise ValueError(f"states are at different positions {sorted(positions)}")
+            end = states[0].pos + tokens.size(1)
+            if end > self.cfg.attention.max_seq_len:
+                raise ValueError(f"this chunk would reach position {end}, past "
+                                 f"max_seq_len={self.cfg.attention.max_seq_len}")
+            if states[0].batch_size != tokens.size(0):
+                raise ValueError(f"states hold {states[0].batch_size} sequences, tokens have batch "
+                                 f"{tokens.size(0)}")
