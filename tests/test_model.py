@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import assert_close
 
 from hybrid_attention import HybridTransformer, ModelConfig
-from conftest import assert_close
 
 CFG = ModelConfig.preset("tiny")
 
