@@ -279,10 +279,8 @@ class HybridAttention(nn.Module):
         if self.kind == "full":
             state.kv.append(kv)
         else:
-            win = self.cfg.window_size
-            keep = min(s, win)
-            slots = torch.arange(state.pos + s - keep, state.pos + s, device=kv.device) % win
-            state.window[:, slots] = kv[:, s - keep:].detach()
+            keep = min(s, self.cfg.window_size)
+            state.write_window(state.pos + s, kv[:, s - keep:].detach())
         if "compressor" in updates:
             state.compressor = _detached(updates["compressor"])
             state.compressed.append(updates["compressed"])

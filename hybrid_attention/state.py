@@ -83,6 +83,11 @@ class LayerState:
         slots = torch.arange(self.pos - count, self.pos, device=self.window.device) % self.window.size(1)
         return self.window[:, slots]
 
+    def write_window(self, end_pos: int, rows: torch.Tensor) -> None:
+        """Store rows [b, n, d] (n <= window_size) of the tokens at positions end_pos - n .. end_pos - 1."""
+        slots = torch.arange(end_pos - rows.size(1), end_pos, device=self.window.device) % self.window.size(1)
+        self.window[:, slots] = rows
+
     def nbytes(self) -> int:
         """Bytes of the state's contents (rows actually held, not spare capacity)."""
         return sum(self.nbytes_by_type().values())
