@@ -23,7 +23,7 @@ from .ops import sparse_attention
 from .ops.sparse_attention.reference import sink_softmax
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
-from .state import GrowingRows, LayerState
+from .state import GrowingRows, LayerState, StreamingState
 
 # Largest number of fp32 scores one query block may hold ([block, heads, keys]); bounds memory.
 SCORE_BUDGET = 1 << 25
@@ -303,8 +303,8 @@ class HybridAttention(nn.Module):
                              f"cast x or the layer (layer.to({x.dtype}))")
         start = 0
         if state is not None:
-            if not isinstance(state, LayerState):
-                raise TypeError(f"state must be a LayerState from new_state(), got {type(state).__name__}")
+            if not isinstance(state, StreamingState):
+                raise TypeError(f"state must come from new_state() or a cache, got {type(state).__name__}")
             if state.layer_id != self.layer_id or state.kind != self.kind \
                     or state.fingerprint != self.cfg.fingerprint():
                 raise ValueError(f"state belongs to layer {state.layer_id} ({state.kind}), not to "

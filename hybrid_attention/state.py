@@ -60,8 +60,17 @@ class GrowingRows:
         return self._data.nbytes
 
 
+class StreamingState:
+    """What a layer reads and writes between chunks. Implementations: `LayerState` (plain tensors)
+    and `cache.PagedLayerState` (views onto a paged cache).
+
+    Attributes: layer_id, kind, fingerprint, batch_size, dtype, pos; window / compressor /
+    index_compressor; compressed, index_keys, kv (objects with length, view(), with_appended(rows),
+    append(rows), nbytes()). Methods: window_rows(count), write_window(end_pos, rows), nbytes()."""
+
+
 @dataclass
-class LayerState:
+class LayerState(StreamingState):
     """Everything one layer remembers about a batch of sequences, all at position `pos`."""
 
     layer_id: int

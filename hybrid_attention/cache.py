@@ -1,0 +1,423 @@
+"""A heterogeneous, paged KV cache: one pool per storage type, each with its own entry format.
+
+DeepSeek-V4's cache is not one shape. Per sequence and layer it holds a sliding-window ring of raw
+KV rows, compressed entries (1 per `ratio` tokens), FP4 indexer keys (CSA), every row of a "full"
+layer, and each compressor's unfinished block. Each kind lives in its own pool:
+
+    pool             entry                                            grows with the sequence
+    window           one KV row (ring of window_size per layer)       no (one ring per layer)
+    compressed_kv    one compressed KV entry                          yes, pages of `page_entries`
+    indexer_keys     one indexer key                                  yes
+    full_kv          one KV row of a "full" layer                     yes
+    tail:<shape>     a compressor's pending rows and scores (fp32)    no
+
+With quant="official" entries are stored as real low-precision bytes (SPEC 12): KV rows as FP8
+e4m3 for the non-rope dims with a power-of-two exponent per 64 values and the rope dims in the
+layer dtype (bf16: 584 bytes for a 512-wide entry); indexer keys as FP4 e2m1, two per byte, with an
+exponent per 32 values (68 bytes for 128). The layer already rounded those values to the grids, so
+decoding gives back exactly what the fake-quant path computes.
+
+The byte budget is split once: the fixed pools get room for `max_sequences` sequences, the growing
+pools share the rest in proportion to the bytes each needs per token. A sequence reserves its
+worst case (`max_tokens`) when it is admitted, so running out of pages is refused up front and never
+happens half-way through a step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .compressor import CompressorState
+from .config import ModelConfig
+from .quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
+from .state import StreamingState
+
+
+class CacheFullError(RuntimeError):
+    """The cache has too few free pages for a request; nothing was allocated."""
+
+
+# Codecs: rows [n, width] <-> bytes [n, nbytes] ------------------------------------------------
+
+
+class PlainCodec:
+    def __init__(self, width: int, dtype: torch.dtype) -> None:
+        self.width, self.dtype = width, dtype
+        self.nbytes = width * torch.empty(0, dtype=dtype).element_size()
+        self.name = str(dtype).removeprefix("torch.")
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(self.dtype).contiguous().view(torch.uint8)
+
+    def decode(self, data: torch.Tensor) -> torch.Tensor:
+        return _bytes_as(data, self.dtype)
+
+
+class Fp8KVCodec:
+    """FP8 e4m3 non-rope dims + one int8 exponent per 64 + rope dims in `dtype`, padded to even."""
+
+    def __init__(self, width: int, rope_dim: int, dtype: torch.dtype) -> None:
+        self.width, self.rope_dim, self.dtype = width, rope_dim, dtype
+        self.nope = width - rope_dim
+        self.rope_bytes = rope_dim * torch.empty(0, dtype=dtype).element_size()
+        used = self.nope + self.nope // 64 + self.rope_bytes
+        self.padding = used % 2  # 583 -> 584 bytes for a V4 entry, as the serving stacks lay it out
+        self.nbytes = used + self.padding
+        self.name = "fp8-e4m3+" + str(dtype).removeprefix("torch.") + "-rope"
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        values, exponents = quantize_fp8(rows[..., : self.nope], 64)
+        rope = rows[..., self.nope:].to(self.dtype).contiguous().view(torch.uint8)
+        pad = rope.new_zeros(*rope.shape[:-1], self.padding)
+        return torch.cat((values.view(torch.uint8), exponents.view(torch.uint8), rope, pad), dim=-1)
+
+    def decode(self, data: torch.Tensor) -> torch.Tensor:
+        n, e = self.nope, self.nope // 64
+        values = _bytes_as(data[..., :n], torch.float8_e4m3fn)
+        exponents = _bytes_as(data[..., n:n + e], torch.int8)
+        rope = _bytes_as(data[..., n + e:n + e + self.rope_bytes], self.dtype)
+        return torch.cat((dequantize_fp8(values, exponents, self.dtype), rope), dim=-1)
+
+
+class Fp4Codec:
+    """FP4 e2m1 codes, two per byte (low nibble first), + one int8 exponent per 32 values."""
+
+    def __init__(self, width: int, dtype: torch.dtype) -> None:
+        self.width, self.dtype = width, dtype
+        self.nbytes = width // 2 + width // 32
+        self.name = "fp4-e2m1"
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        packed, exponents = quantize_fp4(rows, 32)
+        return torch.cat((packed, exponents.view(torch.uint8)), dim=-1)
+
+    def decode(self, data: torch.Tensor) -> torch.Tensor:
+        half = self.width // 2
+        return dequantize_fp4(data[..., :half].contiguous(), _bytes_as(data[..., half:], torch.int8),
+                              self.dtype)
+
+
+def _bytes_as(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret the last axis of a uint8 slice as `dtype` (copying when the slice is unaligned)."""
+    if not data.is_contiguous() or data.storage_offset() % torch.empty(0, dtype=dtype).element_size():
+        data = data.clone()
+    return data.view(dtype)
+
+
+# Pools ----------------------------------------------------------------------------------------
+
+
+class Pool:
+    """Pages of `page_entries` entries of one codec; a free list and a reservation count."""
+
+    def __init__(self, name: str, codec, page_entries: int, n_pages: int, device=None) -> None:
+        self.name, self.codec, self.page_entries = name, codec, page_entries
+        self.data = torch.zeros(n_pages, page_entries, codec.nbytes, dtype=torch.uint8, device=device)
+        self.free = list(range(n_pages - 1, -1, -1))
+        self.reserved = 0
+
+    @property
+    def n_pages(self) -> int:
+        return self.data.size(0)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_entries * self.codec.nbytes
+
+    def available(self) -> int:
+        return len(self.free) - self.reserved
+
+    def take(self) -> int:
+        self.reserved -= 1
+        return self.free.pop()
+
+    def read(self, pages: list[int], start: int, stop: int) -> torch.Tensor:
+        """Decoded entries [start, stop) of a sequence whose entries fill `pages` in order."""
+        if stop <= start:
+            return torch.empty(0, self.codec.width, dtype=self.codec.dtype, device=self.data.device)
+        first, last = start // self.page_entries, (stop - 1) // self.page_entries
+        raw = self.data[torch.tensor(pages[first:last + 1], device=self.data.device)].flatten(0, 1)
+        offset = first * self.page_entries
+        return self.codec.decode(raw[start - offset:stop - offset])
+
+    def write(self, pages: list[int], start: int, rows: torch.Tensor) -> None:
+        """Encode rows [n, width] into entries [start, start + n) (pages must already exist)."""
+        encoded = self.codec.encode(rows)
+        index = start + torch.arange(rows.size(0), device=self.data.device)
+        page_ids = torch.tensor(pages, device=self.data.device)[index // self.page_entries]
+        self.data[page_ids, index % self.page_entries] = encoded
+
+
+class PagedRows:
+    """Rows of one sequence in a growing pool: the interface of `state.GrowingRows`."""
+
+    def __init__(self, pool: Pool, dtype: torch.dtype) -> None:
+        self.pool, self.dtype = pool, dtype
+        self.pages: list[int] = []
+        self.length = 0
+
+    def view(self) -> torch.Tensor:
+        return self.pool.read(self.pages, 0, self.length)[None].to(self.dtype)  # [1, n, width]
+
+    def with_appended(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.view(), rows.to(self.dtype)), dim=1)
+
+    def append(self, rows: torch.Tensor) -> None:
+        end = self.length + rows.size(1)
+        while len(self.pages) * self.pool.page_entries < end:
+            self.pages.append(self.pool.take())
+        self.pool.write(self.pages, self.length, rows[0].detach())
+        self.length = end
+
+    def nbytes(self) -> int:
+        return self.length * self.pool.codec.nbytes
+
+    def release(self) -> None:
+        self.pool.free.extend(self.pages)
+        self.pages, self.length = [], 0
+
+
+class PagedLayerState(StreamingState):
+    """One sequence's state of one layer, as views onto the cache's pools.
+
+    It offers what `HybridAttention` uses of `state.LayerState` (window_rows, write_window, the
+    compressor states, compressed / index_keys / kv rows, pos), so a layer runs on it unchanged."""
+
+    def __init__(self, cache: "PagedKVCache", layer, dtype: torch.dtype) -> None:
+        self.layer_id, self.kind = layer.layer_id, layer.kind
+        self.fingerprint = layer.cfg.fingerprint()
+        self.batch_size, self.dtype, self.pos = 1, dtype, 0
+        self._cache = cache
+        self._window_pages: list[int] = []
+        self.kv = self.compressed = self.index_keys = None
+        self._tails: dict[str, tuple[Pool, int, tuple]] = {}
+        if layer.kind == "full":
+            self.kv = PagedRows(cache.pools["full_kv"], dtype)
+        else:
+            self._window_pool = cache.pools["window"]
+            self._window_pages = [self._window_pool.take()]
+        if layer.compressor is not None:
+            self.compressed = PagedRows(cache.pools["compressed_kv"], dtype)
+            self._add_tail("compressor", layer.compressor)
+        if layer.indexer is not None:
+            self.index_keys = PagedRows(cache.pools["indexer_keys"], dtype)
+            self._add_tail("index_compressor", layer.indexer.compressor)
+
+    def _add_tail(self, name: str, compressor) -> None:
+        empty = compressor.new_state(1, self._cache.device)
+        pool = self._cache.pools[tail_pool_name(compressor)]
+        page = pool.take()
+        self._tails[name] = (pool, page, tuple(empty.kv.shape))
+        self._write_tail(name, empty)
+
+    def _write_tail(self, name: str, state: CompressorState) -> None:
+        pool, page, _ = self._tails[name]
+        pool.write([page], 0, torch.cat((state.kv.flatten(), state.score.flatten()))[None])
+
+    def _read_tail(self, name: str) -> CompressorState:
+        pool, page, shape = self._tails[name]
+        flat = pool.read([page], 0, 1)[0]
+        half = flat.numel() // 2
+        return CompressorState(flat[:half].view(shape).clone(), flat[half:].view(shape).clone())
+
+    compressor = property(lambda self: self._read_tail("compressor"),
+                          lambda self, value: self._write_tail("compressor", value))
+    index_compressor = property(lambda self: self._read_tail("index_compressor"),
+                                lambda self, value: self._write_tail("index_compressor", value))
+
+    @property
+    def window(self) -> torch.Tensor:
+        ring = self._window_pool.read(self._window_pages, 0, self._window_pool.page_entries)
+        return ring[None].to(self.dtype)  # [1, window_size, d]
+
+    def window_rows(self, count: int) -> torch.Tensor:
+        size = self._window_pool.page_entries
+        slots = torch.arange(self.pos - count, self.pos) % size
+        return self.window[:, slots.to(self._cache.device)]
+
+    def write_window(self, end_pos: int, rows: torch.Tensor) -> None:
+        size = self._window_pool.page_entries
+        slots = torch.arange(end_pos - rows.size(1), end_pos) % size
+        data = self._window_pool.codec.encode(rows[0])
+        self._window_pool.data[self._window_pages[0], slots.to(self._cache.device)] = data
+
+    def nbytes_by_type(self) -> dict[str, int]:
+        """Bytes of what the sequence holds (entries in use, not whole pages), by storage type."""
+        parts = {}
+        if self._window_pages:
+            parts["window"] = min(self.pos, self._window_pool.page_entries) * self._window_pool.codec.nbytes
+        for name, rows in (("full_kv", self.kv), ("compressed_kv", self.compressed),
+                           ("indexer_keys", self.index_keys)):
+            if rows is not None:
+                parts[name] = rows.nbytes()
+        tails = sum(pool.codec.nbytes for pool, _, _ in self._tails.values())
+        if tails:
+            parts["compressor_tail"] = tails
+        return {k: v for k, v in parts.items() if v}
+
+    def nbytes(self) -> int:
+        return sum(self.nbytes_by_type().values())
+
+    def release(self) -> None:
+        if self._window_pages:
+            self._window_pool.free.extend(self._window_pages)
+            self._window_pages = []
+        for rows in (self.kv, self.compressed, self.index_keys):
+            if rows is not None:
+                rows.release()
+        for pool, page, _ in self._tails.values():
+            pool.free.append(page)
+        self._tails = {}
+
+
+def tail_pool_name(compressor) -> str:
+    return f"tail:{compressor.n_slots}x{compressor.ape.size(1)}"
+
+
+class PagedKVCache:
+    """Pools for every storage type a model uses, carved from one budget of `cache_bytes`."""
+
+    def __init__(self, model, cache_bytes: int, max_sequences: int = 8, page_entries: int = 64,
+                 device=None) -> None:
+        cfg: ModelConfig = model.cfg
+        att = cfg.attention
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.layers = [block.attn for block in model.layers]
+        self.max_sequences, self.page_entries = max_sequences, page_entries
+        real = att.quant == "official"  # torch-port values are not on the grids: store them plainly
+        kv_codec = Fp8KVCodec(att.head_dim, att.rope_head_dim, self.dtype) if real else \
+            PlainCodec(att.head_dim, self.dtype)
+        key_codec = Fp4Codec(att.index_head_dim, self.dtype) if real else \
+            PlainCodec(att.index_head_dim, self.dtype)
+
+        fixed: dict[str, tuple] = {}  # name -> (codec, page_entries, pages per sequence)
+        growing: dict[str, list] = {}  # name -> [codec, entries per token per sequence]
+        for layer in self.layers:
+            if layer.kind == "full":
+                growing.setdefault("full_kv", [kv_codec, 0.0])[1] += 1.0
+            else:
+                codec, entries, count = fixed.get("window", (kv_codec, att.window_size, 0))
+                fixed["window"] = (codec, entries, count + 1)
+            if layer.compressor is not None:
+                growing.setdefault("compressed_kv", [kv_codec, 0.0])[1] += 1.0 / layer.ratio
+                self._add_tail_pool(fixed, layer.compressor)
+            if layer.indexer is not None:
+                growing.setdefault("indexer_keys", [key_codec, 0.0])[1] += 1.0 / layer.ratio
+                self._add_tail_pool(fixed, layer.indexer.compressor)
+
+        fixed_bytes = sum(c.nbytes * e * n * max_sequences for c, e, n in fixed.values())
+        # Each growing pool needs at least one page per sequence to start.
+        min_growing = sum(c.nbytes * page_entries * max_sequences for c, _ in growing.values())
+        if cache_bytes < fixed_bytes + min_growing:
+            raise ValueError(f"cache_bytes={cache_bytes:,} is too small for {max_sequences} sequences: "
+                             f"the windows and compressor tails alone need {fixed_bytes:,} bytes, "
+                             f"plus {min_growing:,} for one page of each growing pool")
+        self.pools: dict[str, Pool] = {}
+        for name, (codec, entries, count) in fixed.items():
+            self.pools[name] = Pool(name, codec, entries, count * max_sequences, self.device)
+        per_token = {name: codec.nbytes * rate for name, (codec, rate) in growing.items()}
+        total_rate = sum(per_token.values())
+        spare = cache_bytes - fixed_bytes
+        for name, (codec, _) in growing.items():
+            share = spare * per_token[name] / total_rate
+            n_pages = max(max_sequences, int(share // (codec.nbytes * page_entries)))
+            self.pools[name] = Pool(name, codec, page_entries, n_pages, self.device)
+        self.sequences: dict[int, list[PagedLayerState]] = {}
+        self._reserved: dict[int, dict[str, int]] = {}
+        self._next_id = 0
+
+    @staticmethod
+    def _add_tail_pool(fixed: dict, compressor) -> None:
+        name = tail_pool_name(compressor)
+        width = 2 * compressor.n_slots * compressor.ape.size(1)
+        codec, entries, count = fixed.get(name, (PlainCodec(width, torch.float32), 1, 0))
+        fixed[name] = (codec, entries, count + 1)
+
+    # Sizes ----------------------------------------------------------------------------------
+
+    def nbytes(self) -> int:
+        """Bytes allocated for all pools."""
+        return sum(pool.data.nbytes for pool in self.pools.values())
+
+    def pages_needed(self, max_tokens: int) -> dict[str, int]:
+        """Pages of each pool that one sequence of up to `max_tokens` tokens can use."""
+        need = {name: 0 for name in self.pools}
+        for layer in self.layers:
+            if layer.kind == "full":
+                need["full_kv"] += math.ceil(max_tokens / self.page_entries)
+            else:
+                need["window"] += 1
+            if layer.compressor is not None:
+                need["compressed_kv"] += max(1, math.ceil(max_tokens // layer.ratio / self.page_entries))
+                need[tail_pool_name(layer.compressor)] += 1
+            if layer.indexer is not None:
+                need["indexer_keys"] += max(1, math.ceil(max_tokens // layer.ratio / self.page_entries))
+                need[tail_pool_name(layer.indexer.compressor)] += 1
+        return need
+
+    def can_admit(self, max_tokens: int) -> bool:
+        return all(self.pools[n].available() >= k for n, k in self.pages_needed(max_tokens).items())
+
+    def fits_at_all(self, max_tokens: int) -> bool:
+        """Whether a sequence of `max_tokens` could ever fit, with the cache otherwise empty."""
+        return all(self.pools[n].n_pages >= k for n, k in self.pages_needed(max_tokens).items())
+
+    # Sequences ------------------------------------------------------------------------------
+
+    def allocate(self, max_tokens: int) -> int:
+        """Reserve room for a sequence of up to `max_tokens` tokens; returns its id.
+
+        Raises CacheFullError (and allocates nothing) when a pool is short of pages."""
+        need = self.pages_needed(max_tokens)
+        short = {n: (k, self.pools[n].available()) for n, k in need.items() if self.pools[n].available() < k}
+        if short:
+            detail = ", ".join(f"{n}: needs {k} pages, {a} free" for n, (k, a) in short.items())
+            raise CacheFullError(f"not enough cache for a {max_tokens}-token sequence ({detail})")
+        for name, k in need.items():
+            self.pools[name].reserved += k
+        seq_id, self._next_id = self._next_id, self._next_id + 1
+        self.sequences[seq_id] = [PagedLayerState(self, layer, self.dtype) for layer in self.layers]
+        self._reserved[seq_id] = need
+        return seq_id
+
+    def states(self, seq_id: int) -> list[PagedLayerState]:
+        return self.sequences[seq_id]
+
+    def free(self, seq_id: int) -> None:
+        """Return a sequence's pages and the rest of its reservation."""
+        states = self.sequences.pop(seq_id)
+        used = {name: 0 for name in self.pools}
+        for state in states:
+            for pool_name, pages in _pages_of(state).items():
+                used[pool_name] += pages
+            state.release()
+        for name, k in self._reserved.pop(seq_id).items():
+            self.pools[name].reserved -= k - used[name]
+
+    def nbytes_by_type(self, seq_id: int) -> dict[str, int]:
+        """Bytes one sequence holds, by storage type, split CSA / HCA like the planner."""
+        totals: dict[str, int] = {}
+        for state in self.sequences[seq_id]:
+            for name, n in state.nbytes_by_type().items():
+                key = {"compressed_kv": f"{state.kind}_compressed", "indexer_keys": "csa_indexer_keys",
+                       "full_kv": "full"}.get(name, name)
+                totals[key] = totals.get(key, 0) + n
+        return totals
+
+
+def _pages_of(state: PagedLayerState) -> dict[str, int]:
+    pages: dict[str, int] = {}
+    if state._window_pages:
+        pages["window"] = len(state._window_pages)
+    for name, rows in (("full_kv", state.kv), ("compressed_kv", state.compressed),
+                       ("indexer_keys", state.index_keys)):
+        if rows is not None:
+            pages[name] = pages.get(name, 0) + len(rows.pages)
+    for pool, _, _ in state._tails.values():
+        pages[pool.name] = pages.get(pool.name, 0) + 1
+    return pages
