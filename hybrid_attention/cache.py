@@ -138,15 +138,18 @@ class Pool:
         if stop <= start:
             return torch.empty(0, self.codec.width, dtype=self.codec.dtype, device=self.data.device)
         first, last = start // self.page_entries, (stop - 1) // self.page_entries
-        raw = self.data[torch.tensor(pages[first:last + 1], device=self.data.device)].flatten(0, 1)
+        raw = self.data[torch.tensor(pages[first:last + 1], dtype=torch.long, device=self.data.device)]
+        raw = raw.flatten(0, 1)
         offset = first * self.page_entries
         return self.codec.decode(raw[start - offset:stop - offset])
 
     def write(self, pages: list[int], start: int, rows: torch.Tensor) -> None:
         """Encode rows [n, width] into entries [start, start + n) (pages must already exist)."""
+        if rows.size(0) == 0:
+            return
         encoded = self.codec.encode(rows)
         index = start + torch.arange(rows.size(0), device=self.data.device)
-        page_ids = torch.tensor(pages, device=self.data.device)[index // self.page_entries]
+        page_ids = torch.tensor(pages, dtype=torch.long, device=self.data.device)[index // self.page_entries]
         self.data[page_ids, index % self.page_entries] = encoded
 
 

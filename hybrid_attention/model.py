@@ -106,3 +106,20 @@ class HybridTransformer(nn.Module):
             if states[0].batch_size != tokens.size(0):
                 raise ValueError(f"states hold {states[0].batch_size} sequences, tokens have batch "
                                  f"{tokens.size(0)}")
+
+
+def forward_ragged(model: HybridTransformer, chunks: list[torch.Tensor], states: list[list]) -> torch.Tensor:
+    """Run chunks of different sequences (token ids [s_i], each after its own states) in one pass.
+
+    Embedding, norms, MLPs and the LM head see all tokens packed together; each sequence's
+    attention runs on its own states. Returns the logits of each chunk's last token [n, vocab].
+    The caller validates ids and lengths first, so no sequence's state changes when one is bad."""
+    lengths = [c.numel() for c in chunks]
+    x = model.embed(torch.cat(chunks))[None]  # [1, sum(s_i), dim]
+    for layer_id, block in enumerate(model.layers):
+        h = block.attn_norm(x)
+        parts = h.split(lengths, dim=1)
+        x = x + torch.cat([block.attn(p, state=s[layer_id]) for p, s in zip(parts, states, strict=True)], 1)
+        x = x + block.ffn(block.ffn_norm(x))
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    return model.head(model.norm(x[0, ends])).float()
