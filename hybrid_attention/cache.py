@@ -34,6 +34,8 @@ from .config import ModelConfig
 from .quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 from .state import StreamingState
 
+ROW_ALIGN = 4  # quantised entries are padded to a multiple of 4 bytes (the planner counts the same)
+
 
 class CacheFullError(RuntimeError):
     """The cache has too few free pages for a request; nothing was allocated."""
@@ -56,14 +58,14 @@ class PlainCodec:
 
 
 class Fp8KVCodec:
-    """FP8 e4m3 non-rope dims + one int8 exponent per 64 + rope dims in `dtype`, padded to even."""
+    """FP8 e4m3 non-rope dims + one int8 exponent per 64 + rope dims in `dtype`, padded to ROW_ALIGN."""
 
     def __init__(self, width: int, rope_dim: int, dtype: torch.dtype) -> None:
         self.width, self.rope_dim, self.dtype = width, rope_dim, dtype
         self.nope = width - rope_dim
         self.rope_bytes = rope_dim * torch.empty(0, dtype=dtype).element_size()
         used = self.nope + self.nope // 64 + self.rope_bytes
-        self.padding = used % 2  # 583 -> 584 bytes for a V4 entry, as the serving stacks lay it out
+        self.padding = -used % ROW_ALIGN  # 583 -> 584 bytes for a V4 entry
         self.nbytes = used + self.padding
         self.name = "fp8-e4m3+" + str(dtype).removeprefix("torch.") + "-rope"
 
@@ -86,17 +88,20 @@ class Fp4Codec:
 
     def __init__(self, width: int, dtype: torch.dtype) -> None:
         self.width, self.dtype = width, dtype
-        self.nbytes = width // 2 + width // 32
+        used = width // 2 + width // 32
+        self.padding = -used % ROW_ALIGN  # 68 bytes for a 128-wide key, no padding
+        self.nbytes = used + self.padding
         self.name = "fp4-e2m1"
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         packed, exponents = quantize_fp4(rows, 32)
-        return torch.cat((packed, exponents.view(torch.uint8)), dim=-1)
+        pad = packed.new_zeros(*packed.shape[:-1], self.padding)
+        return torch.cat((packed, exponents.view(torch.uint8), pad), dim=-1)
 
     def decode(self, data: torch.Tensor) -> torch.Tensor:
-        half = self.width // 2
-        return dequantize_fp4(data[..., :half].contiguous(), _bytes_as(data[..., half:], torch.int8),
-                              self.dtype)
+        half, scales = self.width // 2, self.width // 32
+        exponents = _bytes_as(data[..., half:half + scales], torch.int8)
+        return dequantize_fp4(data[..., :half].contiguous(), exponents, self.dtype)
 
 
 def _bytes_as(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
