@@ -142,7 +142,8 @@ class Engine:
             prompt = list(prompt)
             result = GenerationResult(request=i, prompt_tokens=len(prompt), context_tokens=context_len)
             results.append(result)
-            problem = self._check_prompt(prompt, context_len, max_new_tokens, allow_empty=restored is not None)
+            problem = self._check_prompt(prompt, context_len, max_new_tokens,
+                                         allow_empty=restored is not None)
             if problem is None and not self.cache.fits_at_all(context_len + len(prompt) + max_new_tokens):
                 problem = (f"request needs {context_len + len(prompt) + max_new_tokens} tokens of cache, "
                            "more than the whole cache budget holds")
@@ -153,6 +154,7 @@ class Engine:
             waiting.append(_Request(result, prompt, max_new_tokens, generator))
 
         running: list[_Request] = []
+        self.last_run = {"steps": 0, "peak_running": 0}
         while waiting or running:
             while waiting and len(running) < self.max_batch:
                 req = waiting[0]
@@ -167,6 +169,8 @@ class Engine:
                 running.append(req)
             if not running:  # cannot happen: fits_at_all was checked and nothing holds pages
                 raise RuntimeError("scheduler stalled with an empty batch")
+            self.last_run["steps"] += 1
+            self.last_run["peak_running"] = max(self.last_run["peak_running"], len(running))
 
             # Requests with a restored context and no prompt sample straight from its logits.
             ready = [r for r in running if r.fed == len(r.prompt) and r.logits is not None]
@@ -249,7 +253,8 @@ class Engine:
             raise ContextFileError(f"{path} is corrupted: the checksum does not match")
         restored = torch.load(io.BytesIO(payload), weights_only=True)
         if restored["tokens"] + 1 > self.max_seq_len:
-            raise ContextFileError(f"{path} holds {restored['tokens']} tokens, max_seq_len is {self.max_seq_len}")
+            raise ContextFileError(f"{path} holds {restored['tokens']} tokens, "
+                                   f"max_seq_len is {self.max_seq_len}")
         return restored
 
 
@@ -260,7 +265,8 @@ def _serialise_states(states: list[PagedLayerState], logits: torch.Tensor, promp
         if state._window_pages:
             pool = state._window_pool
             entry["window"] = pool.data[state._window_pages[0]].clone()
-        for name, rows in (("kv", state.kv), ("compressed", state.compressed), ("index_keys", state.index_keys)):
+        for name in ("kv", "compressed", "index_keys"):
+            rows = getattr(state, name)
             if rows is not None:
                 raw = rows.pool.data[torch.tensor(rows.pages, dtype=torch.long)].flatten(0, 1)
                 entry[name] = raw[: rows.length].clone()
