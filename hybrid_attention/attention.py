@@ -81,6 +81,7 @@ class HybridAttention(nn.Module):
         if self.kind == "csa":
             self.indexer = Indexer(cfg, dtype)
         self._freqs = layer_rope_frequencies(cfg, compressed=self.ratio > 0)
+        self._fingerprint = cfg.fingerprint()  # states record it; comparing strings is cheap
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,7 +95,7 @@ class HybridAttention(nn.Module):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         device = torch.device(device) if device is not None else self.wq_a.weight.device
         cfg, dtype = self.cfg, self.dtype
-        state = LayerState(self.layer_id, self.kind, cfg.fingerprint(), batch_size, dtype)
+        state = LayerState(self.layer_id, self.kind, self._fingerprint, batch_size, dtype)
         if self.kind == "full":
             state.kv = GrowingRows(batch_size, cfg.head_dim, dtype, device)
         else:
@@ -306,7 +307,7 @@ class HybridAttention(nn.Module):
             if not isinstance(state, StreamingState):
                 raise TypeError(f"state must come from new_state() or a cache, got {type(state).__name__}")
             if state.layer_id != self.layer_id or state.kind != self.kind \
-                    or state.fingerprint != self.cfg.fingerprint():
+                    or state.fingerprint != self._fingerprint:
                 raise ValueError(f"state belongs to layer {state.layer_id} ({state.kind}), not to "
                                  f"layer {self.layer_id} ({self.kind}) of this config")
             if state.batch_size != x.size(0):

@@ -195,7 +195,7 @@ class PagedLayerState(StreamingState):
 
     def __init__(self, cache: "PagedKVCache", layer, dtype: torch.dtype) -> None:
         self.layer_id, self.kind = layer.layer_id, layer.kind
-        self.fingerprint = layer.cfg.fingerprint()
+        self.fingerprint = layer._fingerprint
         self.batch_size, self.dtype, self.pos = 1, dtype, 0
         self._cache = cache
         self._window_pages: list[int] = []
