@@ -121,6 +121,7 @@ class Pool:
         self.name, self.codec, self.page_entries = name, codec, page_entries
         self.data = torch.zeros(n_pages, page_entries, codec.nbytes, dtype=torch.uint8, device=device)
         self.free = list(range(n_pages - 1, -1, -1))
+        self.refs = [0] * n_pages  # holders of each page: sequences sharing a prefix, or a Prefix
         self.reserved = 0
 
     @property
@@ -134,9 +135,22 @@ class Pool:
     def available(self) -> int:
         return len(self.free) - self.reserved
 
-    def take(self) -> int:
-        self.reserved -= 1
-        return self.free.pop()
+    def take(self, reserved: bool = True) -> int:
+        """A free page with one holder; `reserved`: counted against an earlier reservation."""
+        if reserved:
+            self.reserved -= 1
+        page = self.free.pop()
+        self.refs[page] = 1
+        return page
+
+    def share(self, page: int) -> int:
+        self.refs[page] += 1
+        return page
+
+    def give_back(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            self.free.append(page)
 
     def read(self, pages: list[int], start: int, stop: int) -> torch.Tensor:
         """Decoded entries [start, stop) of a sequence whose entries fill `pages` in order."""
@@ -164,6 +178,7 @@ class PagedRows:
     def __init__(self, pool: Pool, dtype: torch.dtype) -> None:
         self.pool, self.dtype = pool, dtype
         self.pages: list[int] = []
+        self.shared = 0  # leading pages shared with a prefix (full, so never written again)
         self.length = 0
 
     def view(self) -> torch.Tensor:
@@ -182,9 +197,25 @@ class PagedRows:
     def nbytes(self) -> int:
         return self.length * self.pool.codec.nbytes
 
+    def raw(self) -> torch.Tensor:
+        """The stored bytes of entries [0, length): [length, nbytes] uint8."""
+        pages = torch.tensor(self.pages, dtype=torch.long, device=self.pool.data.device)
+        return self.pool.data[pages].flatten(0, 1)[: self.length]
+
+    def write_raw(self, data: torch.Tensor) -> None:
+        """Append already-encoded entries [n, nbytes]."""
+        end = self.length + data.size(0)
+        while len(self.pages) * self.pool.page_entries < end:
+            self.pages.append(self.pool.take())
+        index = self.length + torch.arange(data.size(0), device=self.pool.data.device)
+        pages = torch.tensor(self.pages, dtype=torch.long, device=self.pool.data.device)
+        self.pool.data[pages[index // self.pool.page_entries], index % self.pool.page_entries] = data
+        self.length = end
+
     def release(self) -> None:
-        self.pool.free.extend(self.pages)
-        self.pages, self.length = [], 0
+        for page in self.pages:
+            self.pool.give_back(page)
+        self.pages, self.shared, self.length = [], 0, 0
 
 
 class PagedLayerState(StreamingState):
@@ -268,15 +299,45 @@ class PagedLayerState(StreamingState):
     def nbytes(self) -> int:
         return sum(self.nbytes_by_type().values())
 
-    def release(self) -> None:
+    def rows(self) -> dict[str, PagedRows]:
+        return {name: rows for name, rows in (("kv", self.kv), ("compressed", self.compressed),
+                                              ("index_keys", self.index_keys)) if rows is not None}
+
+    def snapshot(self) -> dict[str, torch.Tensor | int]:
+        """Every byte this state holds, for context files: {"pos", "window", "rows:*", "tail:*"}."""
+        out = {"pos": self.pos}
         if self._window_pages:
-            self._window_pool.free.extend(self._window_pages)
-            self._window_pages = []
-        for rows in (self.kv, self.compressed, self.index_keys):
-            if rows is not None:
-                rows.release()
+            out["window"] = self._window_pool.data[self._window_pages[0]].clone()
+        for name, rows in self.rows().items():
+            out["rows:" + name] = rows.raw().clone()
+        for name, (pool, page, _) in self._tails.items():
+            out["tail:" + name] = pool.data[page].clone()
+        return out
+
+    def restore(self, snapshot: dict, prefix_pages: dict[str, list[int]] | None = None) -> None:
+        """Load a snapshot into this fresh state; entries on `prefix_pages` (full pages of a
+        `Prefix`) are shared, not copied."""
+        self.pos = snapshot["pos"]
+        if "window" in snapshot:
+            self._window_pool.data[self._window_pages[0]] = snapshot["window"]
+        for name, rows in self.rows().items():
+            data = snapshot["rows:" + name]
+            shared = (prefix_pages or {}).get(name, [])
+            rows.pages = [rows.pool.share(page) for page in shared]
+            rows.shared = len(shared)
+            rows.length = len(shared) * rows.pool.page_entries
+            rows.write_raw(data[rows.length:])
+        for name, (pool, page, _) in self._tails.items():
+            pool.data[page] = snapshot["tail:" + name]
+
+    def release(self) -> None:
+        for page in self._window_pages:
+            self._window_pool.give_back(page)
+        self._window_pages = []
+        for rows in self.rows().values():
+            rows.release()
         for pool, page, _ in self._tails.values():
-            pool.free.append(page)
+            pool.give_back(page)
         self._tails = {}
 
 
@@ -368,8 +429,11 @@ class PagedKVCache:
                 need[tail_pool_name(layer.indexer.compressor)] += 1
         return need
 
-    def can_admit(self, max_tokens: int) -> bool:
-        return all(self.pools[n].available() >= k for n, k in self.pages_needed(max_tokens).items())
+    def can_admit(self, max_tokens: int, prefix: "Prefix | None" = None) -> bool:
+        need = self.pages_needed(max_tokens)
+        for name, count in (prefix.shared_pages() if prefix is not None else {}).items():
+            need[name] -= count
+        return all(self.pools[n].available() >= k for n, k in need.items())
 
     def fits_at_all(self, max_tokens: int) -> bool:
         """Whether a sequence of `max_tokens` could ever fit, with the cache otherwise empty."""
@@ -377,11 +441,15 @@ class PagedKVCache:
 
     # Sequences ------------------------------------------------------------------------------
 
-    def allocate(self, max_tokens: int) -> int:
-        """Reserve room for a sequence of up to `max_tokens` tokens; returns its id.
+    def allocate(self, max_tokens: int, prefix: "Prefix | None" = None) -> int:
+        """Reserve room for a sequence of up to `max_tokens` tokens; returns its id. With a
+        `prefix`, the sequence starts from it, sharing its full pages.
 
         Raises CacheFullError (and allocates nothing) when a pool is short of pages."""
         need = self.pages_needed(max_tokens)
+        if prefix is not None:
+            for name, count in prefix.shared_pages().items():
+                need[name] -= count
         short = {n: (k, self.pools[n].available()) for n, k in need.items() if self.pools[n].available() < k}
         if short:
             detail = ", ".join(f"{n}: needs {k} pages, {a} free" for n, (k, a) in short.items())
@@ -389,9 +457,50 @@ class PagedKVCache:
         for name, k in need.items():
             self.pools[name].reserved += k
         seq_id, self._next_id = self._next_id, self._next_id + 1
-        self.sequences[seq_id] = [PagedLayerState(self, layer, self.dtype) for layer in self.layers]
+        states = [PagedLayerState(self, layer, self.dtype) for layer in self.layers]
+        if prefix is not None:
+            for state, snapshot, pages in zip(states, prefix.snapshots, prefix.pages, strict=True):
+                state.restore(snapshot, pages)
+        self.sequences[seq_id] = states
         self._reserved[seq_id] = need
         return seq_id
+
+    def add_prefix(self, snapshots: list[dict]) -> "Prefix":
+        """Store a processed prefix (per-layer snapshots, as `PagedLayerState.snapshot` gives)
+        once; sequences allocated with it share its full pages. Release with `drop_prefix`."""
+        pools = {"kv": "full_kv", "compressed": "compressed_kv", "index_keys": "indexer_keys"}
+        need: dict[str, int] = {}
+        for snapshot in snapshots:
+            for key, data in snapshot.items():
+                if key.startswith("rows:"):
+                    name = pools[key[5:]]
+                    need[name] = need.get(name, 0) + data.size(0) // self.page_entries
+        short = {n: k for n, k in need.items() if self.pools[n].available() < k}
+        if short:
+            raise CacheFullError(f"not enough cache to hold the shared prefix ({short} pages short)")
+        pages = []
+        for snapshot in snapshots:
+            layer_pages = {}
+            for key, data in snapshot.items():
+                if key.startswith("rows:"):
+                    pool = self.pools[pools[key[5:]]]
+                    full = data.size(0) // pool.page_entries
+                    ids = [pool.take(reserved=False) for _ in range(full)]
+                    if full:
+                        pool.data[torch.tensor(ids, dtype=torch.long)] = \
+                            data[: full * pool.page_entries].view(full, pool.page_entries, -1)
+                    layer_pages[key[5:]] = ids
+            pages.append(layer_pages)
+        return Prefix(snapshots, pages, {n: self.pools[n] for n in pools.values() if n in self.pools})
+
+    def drop_prefix(self, prefix: "Prefix") -> None:
+        for layer_pages in prefix.pages:
+            for name, ids in layer_pages.items():
+                pool = prefix.pools[{"kv": "full_kv", "compressed": "compressed_kv",
+                                     "index_keys": "indexer_keys"}[name]]
+                for page in ids:
+                    pool.give_back(page)
+        prefix.pages = []
 
     def states(self, seq_id: int) -> list[PagedLayerState]:
         return self.sequences[seq_id]
@@ -418,14 +527,35 @@ class PagedKVCache:
         return totals
 
 
+class Prefix:
+    """A processed prefix held once in the cache: per layer, a snapshot of the bytes to copy
+    (window, tails, the last partial page) and the full pages that sequences share."""
+
+    def __init__(self, snapshots: list[dict], pages: list[dict[str, list[int]]], pools: dict) -> None:
+        self.snapshots, self.pages, self.pools = snapshots, pages, pools
+
+    @property
+    def tokens(self) -> int:
+        return self.snapshots[0]["pos"]
+
+    def shared_pages(self) -> dict[str, int]:
+        names = {"kv": "full_kv", "compressed": "compressed_kv", "index_keys": "indexer_keys"}
+        counts: dict[str, int] = {}
+        for layer_pages in self.pages:
+            for name, ids in layer_pages.items():
+                counts[names[name]] = counts.get(names[name], 0) + len(ids)
+        return counts
+
+
 def _pages_of(state: PagedLayerState) -> dict[str, int]:
+    """Pages a sequence took from its reservation (shared prefix pages not included)."""
     pages: dict[str, int] = {}
     if state._window_pages:
         pages["window"] = len(state._window_pages)
     for name, rows in (("full_kv", state.kv), ("compressed_kv", state.compressed),
                        ("indexer_keys", state.index_keys)):
         if rows is not None:
-            pages[name] = pages.get(name, 0) + len(rows.pages)
+            pages[name] = pages.get(name, 0) + len(rows.pages) - rows.shared
     for pool, _, _ in state._tails.values():
         pages[pool.name] = pages.get(pool.name, 0) + 1
     return pages

@@ -155,16 +155,29 @@ class Engine:
 
         running: list[_Request] = []
         self.last_run = {"steps": 0, "peak_running": 0}
+        # Requests continuing a context share its full pages; each copies the window and tails.
+        prefix = self.cache.add_prefix(restored["layers"]) if restored and waiting else None
+        try:
+            yield from self._schedule(waiting, running, prefix, restored, context_len, temperature, top_p,
+                                      stop, start_time)
+        finally:
+            for req in running:
+                self.cache.free(req.seq_id)
+            if prefix is not None:
+                self.cache.drop_prefix(prefix)
+        yield results
+
+    def _schedule(self, waiting, running, prefix, restored, context_len, temperature, top_p, stop,
+                  start_time):
         while waiting or running:
             while waiting and len(running) < self.max_batch:
                 req = waiting[0]
                 need = context_len + len(req.prompt) + req.max_new_tokens
-                if not self.cache.can_admit(need):
+                if not self.cache.can_admit(need, prefix):
                     break
                 waiting.popleft()
-                req.seq_id = self.cache.allocate(need)
+                req.seq_id = self.cache.allocate(need, prefix)
                 if restored is not None:
-                    _restore_states(self.cache.states(req.seq_id), restored)
                     req.logits = restored["logits"]
                 running.append(req)
             if not running:  # cannot happen: fits_at_all was checked and nothing holds pages
@@ -205,7 +218,6 @@ class Engine:
                     res.total_time = now
                     self.cache.free(req.seq_id)
                     running.remove(req)
-        yield results
 
     def _check_prompt(self, prompt: list, context_len: int, max_new_tokens: int,
                       allow_empty: bool = False) -> str | None:
@@ -259,42 +271,10 @@ class Engine:
 
 
 def _serialise_states(states: list[PagedLayerState], logits: torch.Tensor, prompt: list[int]) -> bytes:
-    layers = []
-    for state in states:
-        entry = {"pos": state.pos}
-        if state._window_pages:
-            pool = state._window_pool
-            entry["window"] = pool.data[state._window_pages[0]].clone()
-        for name in ("kv", "compressed", "index_keys"):
-            rows = getattr(state, name)
-            if rows is not None:
-                raw = rows.pool.data[torch.tensor(rows.pages, dtype=torch.long)].flatten(0, 1)
-                entry[name] = raw[: rows.length].clone()
-        for name, (pool, page, _) in state._tails.items():
-            entry["tail:" + name] = pool.data[page].clone()
-        layers.append(entry)
     buffer = io.BytesIO()
+    layers = [state.snapshot() for state in states]
     torch.save({"tokens": len(prompt), "prompt": prompt, "logits": logits.clone(), "layers": layers}, buffer)
     return buffer.getvalue()
-
-
-def _restore_states(states: list[PagedLayerState], restored: dict) -> None:
-    for state, entry in zip(states, restored["layers"], strict=True):
-        state.pos = entry["pos"]
-        if "window" in entry:
-            state._window_pool.data[state._window_pages[0]] = entry["window"]
-        for name in ("kv", "compressed", "index_keys"):
-            if name in entry:
-                rows = getattr(state, name)
-                raw = entry[name]
-                while len(rows.pages) * rows.pool.page_entries < raw.size(0):
-                    rows.pages.append(rows.pool.take())
-                index = torch.arange(raw.size(0))
-                page_ids = torch.tensor(rows.pages, dtype=torch.long)[index // rows.pool.page_entries]
-                rows.pool.data[page_ids, index % rows.pool.page_entries] = raw
-                rows.length = raw.size(0)
-        for name, (pool, page, _) in state._tails.items():
-            pool.data[page] = entry["tail:" + name]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

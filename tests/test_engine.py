@@ -140,3 +140,20 @@ def test_requests_wait_for_pages_and_one_that_never_fits_is_refused():
         assert result.tokens == greedy_alone(MODEL, prompt, 3)
     assert engine.last_run["peak_running"] == 2
     assert all(pool.reserved == 0 for pool in engine.cache.pools.values())
+
+
+def test_requests_on_one_context_share_its_full_pages(tmp_path):
+    engine = Engine(MODEL, cache_bytes=8 << 20, max_batch=3, page_entries=16)
+    prefix = torch.randint(0, 256, (256,)).tolist()
+    path = tmp_path / "doc.ctx"
+    engine.save_context(prefix, path)
+    pool = engine.cache.pools["full_kv"]
+    peak = []
+    suffixes = [[1, 2], [3], [4, 5, 6]]
+    results = engine.generate(suffixes, max_new_tokens=4, context=path,
+                              on_token=lambda i, t: peak.append(pool.n_pages - len(pool.free)))
+    # 256 context rows = 16 full pages held once; each request adds one page of its own
+    assert max(peak) <= 16 + 3
+    for suffix, result in zip(suffixes, results, strict=True):
+        assert result.tokens == greedy_alone(MODEL, prefix + suffix, 4)
+    assert len(pool.free) == pool.n_pages and all(r == 0 for r in pool.refs)
