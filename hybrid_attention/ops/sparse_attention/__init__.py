@@ -1,3 +1,4 @@
 from .api import sparse_attention
+from .common import FP8KV
 
-__all__ = ["sparse_attention"]
+__all__ = ["FP8KV", "sparse_attention"]

@@ -1,0 +1,3 @@
+from .api import compress
+
+__all__ = ["compress"]

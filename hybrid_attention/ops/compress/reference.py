@@ -1,0 +1,34 @@
+"""Readable torch reference of the compressor's pooling (SPEC.md section 5.2): the oracle, and the
+CPU path.
+
+Entry i of a chunk that starts at a block boundary pools the tokens of block i (ratio r):
+    logit[j, f] = score[i*r + j, f] + ape[j, f]
+    e_i[f]      = sum_j softmax_j(logit[j, f]) * kv[i*r + j, f]      (fp32, per feature)
+With overlap (CSA, width 2d) the softmax runs over 2r slots: the previous block's tokens through
+features [0, d), then block i's tokens through features [d, 2d). Before entry 0 the previous block
+comes from `previous` (the compressor state, ape already added) or is empty (logit -inf, value 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...compressor import overlap_slots, pool_blocks
+
+
+def compress_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+                       previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """kv, score [b, s, c*d], ape [ratio, c*d] -> entries [b, s // ratio, d] fp32 (c = 2 with overlap)."""
+    b, s, width = kv.shape
+    n = s // ratio
+    blocks_kv = kv[:, :n * ratio].float().unflatten(1, (n, ratio))  # [b, n, r, c*d]
+    blocks_score = score[:, :n * ratio].float().unflatten(1, (n, ratio)) + ape.float()
+    if not overlap:
+        return pool_blocks(blocks_kv, blocks_score)
+    if previous is None:
+        previous = (kv.new_zeros(b, ratio, width, dtype=torch.float32),
+                    kv.new_full((b, ratio, width), float("-inf"), dtype=torch.float32))
+    head_dim = width // 2
+    slots_kv = overlap_slots(blocks_kv, previous[0].float(), head_dim)  # [b, n, 2r, d]
+    slots_score = overlap_slots(blocks_score, previous[1].float(), head_dim)
+    return pool_blocks(slots_kv, slots_score)
