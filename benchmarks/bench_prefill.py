@@ -1,0 +1,212 @@
+"""Prefill time and peak memory of each layer kind against dense causal SDPA, by sequence length.
+
+    python benchmarks/bench_prefill.py                       # 4K .. 128K, every kind
+    python benchmarks/bench_prefill.py --max-dense 65536     # skip dense SDPA past 64K
+    python benchmarks/bench_prefill.py --quick               # a smoke run at 1K .. 4K
+
+For each length, dense SDPA and then each layer kind (window, CSA, HCA, full; "small" preset, batch
+1, fp32, no_grad) run once untimed, which warms up and measures peak memory, then `--repeats`
+timed runs (the median is shown). Peak memory is the growth of the resident set over the call
+(`hybrid_attention.demo.PeakMemory`): for the layers it counts everything the layer allocates from
+the hidden states x, for dense SDPA its q, K and V and its output. Dense SDPA is the attention core
+only, so the ratios favour it. GFLOP/s is `useful_flops()` / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_attention import AttentionConfig, HybridAttention
+from hybrid_attention.demo import KINDS, PeakMemory, demo_config, peak_memory_method, progress_bar
+
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+QUICK_LENGTHS = (1024, 2048, 4096)
+DENSE = "dense SDPA"
+MB = 1 << 20
+
+
+def keys_per_query(kind: str, cfg: AttentionConfig, seq_len: int, ratio: int) -> torch.Tensor:
+    """[seq_len] keys the query at position t attends to in a causal prefill (SPEC 4): the window
+    min(t + 1, win), plus for HCA every entry i < (t + 1) // ratio, for CSA at most top-k of them;
+    t + 1 for "full" and dense."""
+    t = torch.arange(seq_len, dtype=torch.float64)
+    if kind in ("full", DENSE):
+        return t + 1
+    keys = (t + 1).clamp_max(cfg.window_size)
+    visible = torch.div(t + 1, ratio, rounding_mode="floor") if ratio else torch.zeros_like(t)
+    if kind == "csa":
+        visible = visible.clamp_max(cfg.index_topk)
+    return keys + visible
+
+
+def useful_flops(kind: str, cfg: AttentionConfig, seq_len: int, layer: nn.Module | None = None) -> float:
+    """FLOPs a prefill must do, not what this implementation happens to do:
+    4 * n_heads * head_dim per (query, attended key) pair (q.k and p.v); for CSA also
+    2 * index_n_heads * index_head_dim per (query, visible indexer key) pair; and for the layers
+    2 per weight of every projection per token (all nn.Linear weights: q, kv, output, compressors,
+    indexer). Softmax, norms, RoPE and top-k are not counted."""
+    ratio = layer.ratio if layer is not None else 0
+    pairs = float(keys_per_query(kind, cfg, seq_len, ratio).sum())
+    flops = 4 * cfg.n_heads * cfg.head_dim * pairs
+    if kind == "csa":
+        index_pairs = float(torch.div(torch.arange(1, seq_len + 1), ratio, rounding_mode="floor").sum())
+        flops += 2 * cfg.index_n_heads * cfg.index_head_dim * index_pairs
+    if layer is not None:
+        weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        flops += 2 * seq_len * weights
+    return flops
+
+
+def measure(step, repeats: int) -> tuple[float, int | None]:
+    """(median seconds of `repeats` timed calls, peak RSS growth of an untimed warm-up call)."""
+    with PeakMemory() as mem:
+        step(allocate_inside=True)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(allocate_inside=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), mem.peak
+
+
+def dense_step(cfg: AttentionConfig, seq_len: int, shared_kv: bool):
+    """Causal SDPA over [1, n_heads, s, head_dim] queries; K/V with n_heads heads or one shared."""
+    shape = (1, cfg.n_heads, seq_len, cfg.head_dim)
+    kv_shape = (1, 1, seq_len, cfg.head_dim) if shared_kv else shape
+    inputs = {}
+
+    def step(allocate_inside: bool):
+        if allocate_inside or not inputs:  # the memory pass counts q, K and V
+            inputs.clear()
+            k = torch.randn(kv_shape)
+            inputs.update(q=torch.randn(shape), k=k, v=k if shared_kv else torch.randn(kv_shape))
+        return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True,
+                                              enable_gqa=shared_kv)
+
+    return step
+
+
+def layer_step(layer: HybridAttention, x: torch.Tensor):
+    """A stateless prefill of x; the layer allocates everything it needs inside the call."""
+
+    def step(allocate_inside: bool):
+        return layer(x)
+
+    return step
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_row(cells) -> str:
+    widths = (7, 10, 10, 9, 9, 9, 8, 11)
+    return " ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                        help="prefill lengths in tokens (default: 4096 8192 16384 32768 65536 131072)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: lengths {' '.join(map(str, QUICK_LENGTHS))}, overrides --lengths")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                        help="layer kinds to run (default: all)")
+    parser.add_argument("--max-dense", type=int, default=0,
+                        help="skip dense SDPA at lengths above this (its time grows with the square "
+                             "of the length); 0 = no limit")
+    parser.add_argument("--max-full", type=int, default=32768,
+                        help="skip the 'full' layer at lengths above this (quadratic too); "
+                             "0 = no limit (default: 32768)")
+    parser.add_argument("--dense-kv", default="heads", choices=("heads", "shared"),
+                        help="dense K/V: one head per query head, or one shared head (default: heads)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per point after the warm-up; the median is shown (default: 1)")
+    parser.add_argument("--preset", default="small", choices=("small", "tiny"),
+                        help="layer shapes (default: small)")
+    parser.add_argument("--query-block-size", type=int, default=0,
+                        help="override the config's query_block_size; 0 = the preset's")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = default")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
+    parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths = list(QUICK_LENGTHS)
+    if min(args.lengths) < 1 or args.repeats < 1:
+        parser.error("lengths and --repeats must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = demo_config(args.preset)
+    if args.query_block_size:
+        cfg = cfg.replace(query_block_size=args.query_block_size)
+    layers = {kind: HybridAttention(cfg, KINDS.index(kind)).eval() for kind in args.kinds}
+
+    def runs(kind: str, length: int) -> bool:
+        limit = args.max_dense if kind == DENSE else args.max_full if kind == "full" else 0
+        return not limit or length <= limit
+
+    dense_kv = ("one shared KV head" if args.dense_kv == "shared"
+                else f"{cfg.n_heads} K + {cfg.n_heads} V heads")
+    points = [(n, k) for n in args.lengths for k in (DENSE, *args.kinds) if runs(k, n)]
+    print(f"# device: {cpu_name()} (CPU), torch {torch.__version__}, {torch.get_num_threads()} threads | "
+          f"preset {args.preset}: dim {cfg.dim}, {cfg.n_heads} heads x {cfg.head_dim}, window "
+          f"{cfg.window_size}, CSA ratio {cfg.csa_ratio} top-{cfg.index_topk}, HCA ratio "
+          f"{cfg.compress_ratios[KINDS.index('hca')]}, query block {cfg.query_block_size} | batch 1, "
+          f"fp32, no_grad | dense: SDPA is_causal, {dense_kv} | peak = RSS growth "
+          f"({peak_memory_method()}) | time: median of {args.repeats} after a warm-up")
+    print(format_row(("tokens", "kind", "prefill s", "vs dense", "peak MB", "vs dense", "GFLOP/s",
+                      "keys/query")))
+    bar = progress_bar(len(points), disable=args.no_progress)
+    dense = {}
+    try:
+        with torch.no_grad():
+            for length in args.lengths:
+                x = torch.randn(1, length, cfg.dim)
+                for kind in (DENSE, *args.kinds):
+                    if not runs(kind, length):
+                        continue
+                    bar.set_description(f"{kind} {length}")
+                    layer = layers.get(kind)
+                    step = (dense_step(cfg, length, args.dense_kv == "shared") if kind == DENSE
+                            else layer_step(layer, x))
+                    seconds, peak = measure(step, args.repeats)
+                    del step  # frees the dense inputs before the next point
+                    if kind == DENSE:
+                        dense[length] = (seconds, peak)
+                    base_s, base_peak = dense.get(length, (None, None))
+                    ratio = f"{seconds / base_s:.2f}x" if base_s else "-"
+                    mem_ratio = f"{peak / base_peak:.2f}x" if base_peak and peak is not None else "-"
+                    gflops = useful_flops(kind, cfg, length, layer) / seconds / 1e9
+                    keys = float(keys_per_query(kind, cfg, length, layer.ratio if layer else 0).mean())
+                    bar.write(format_row((length, kind, f"{seconds:.3f}", ratio,
+                                          "-" if peak is None else f"{peak / MB:.0f}", mem_ratio,
+                                          f"{gflops:.1f}", f"{keys:.1f}")))
+                    bar.update()
+                del x
+    finally:
+        bar.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
