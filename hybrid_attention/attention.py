@@ -19,7 +19,7 @@ from .compressor import Compressor
 from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
 from .modules import Linear, RMSNorm, head_rms_normalize
-from .ops import sparse_attention
+from .ops import indexer_topk, sparse_attention
 from .ops.sparse_attention.reference import sink_softmax
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
@@ -236,8 +236,8 @@ class HybridAttention(nn.Module):
                     attended += float((~hidden).sum()) * b
                 else:
                     with torch.no_grad():
-                        ranking = index_scores(qi[:, a:e], head_weights[:, a:e], block_keys)
-                        picks = select_entries(ranking, visible, min(self.cfg.index_topk, n_visible))
+                        picks = indexer_topk(qi[:, a:e], head_weights[:, a:e], block_keys,
+                                             min(self.cfg.index_topk, n_visible), visible).long()
                     rows = gather_rows(entries, picks.clamp_min(0))  # [b, n, k, d]
                     z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float()) * self.scale
                     scores.append(z.masked_fill((picks < 0)[:, :, None], float("-inf")))
