@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import resolve_backend
 from .reference import compress_reference
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
@@ -29,13 +29,7 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: in
         _validate(kv, score, ape, ratio, overlap, previous)
     if previous is not None:
         previous = (previous[0].detach(), previous[1].detach())
-    match backend:
-        case "auto":
-            backend = "triton" if kv.is_cuda else "torch"
-        case "torch" | "triton":
-            pass
-        case _:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, kv)
     if backend == "triton":
         from .triton import compress_triton
 

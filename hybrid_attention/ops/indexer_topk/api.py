@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import resolve_backend
 from .common import FP4_BLOCK, FP4Keys
 from .reference import indexer_topk_reference
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP4Keys, k: int,
@@ -38,13 +38,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP
         visible = torch.full((b, s), n_keys, dtype=torch.int32, device=q.device)
     else:
         visible = visible.expand(b, s).clamp_max(n_keys).to(torch.int32)
-    match backend:
-        case "auto":
-            backend = "triton" if q.is_cuda else "torch"
-        case "torch" | "triton":
-            pass
-        case _:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, q)
     with torch.no_grad():
         if backend == "triton":
             from .triton import indexer_topk_triton

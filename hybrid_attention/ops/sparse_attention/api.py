@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import resolve_backend
 from .common import FP8_BLOCK, FP8KV
 from .reference import sparse_attention_reference
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tensor, indices: torch.Tensor,
@@ -32,13 +32,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tens
     """
     if not torch.compiler.is_compiling():
         _validate(q, kv, sink, indices, block_table)
-    match backend:
-        case "auto":
-            backend = "triton" if q.is_cuda else "torch"
-        case "torch" | "triton":
-            pass
-        case _:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, q)
     if backend == "triton":
         from .triton import sparse_attention_triton
 
