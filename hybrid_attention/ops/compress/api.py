@@ -8,7 +8,6 @@ from ..dispatch import resolve_backend
 from .reference import compress_reference
 
 
-
 def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
              previous: tuple[torch.Tensor, torch.Tensor] | None = None,
              backend: str = "auto") -> torch.Tensor:

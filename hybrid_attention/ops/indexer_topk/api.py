@@ -9,7 +9,6 @@ from .common import FP4_BLOCK, FP4Keys
 from .reference import indexer_topk_reference
 
 
-
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP4Keys, k: int,
                  visible: torch.Tensor | None = None, backend: str = "auto",
                  query_block: int | None = None) -> torch.Tensor:

@@ -9,7 +9,6 @@ from .common import FP8_BLOCK, FP8KV
 from .reference import sparse_attention_reference
 
 
-
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tensor, indices: torch.Tensor,
                      scale: float, backend: str = "auto", query_block: int = 256,
                      block_table: torch.Tensor | None = None) -> torch.Tensor:
