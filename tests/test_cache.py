@@ -98,3 +98,13 @@ def test_out_of_pages_is_refused_and_allocates_nothing():
 def test_a_too_small_budget_says_what_it_needs():
     with pytest.raises(ValueError, match="too small for 4 sequences"):
         PagedKVCache(tiny_model(), 10_000, max_sequences=4)
+
+
+def test_small_model_cache_at_128k_is_below_an_eighth_of_full_attention():
+    """With V4's storage (FP8 entries, FP4 keys) on both sides; the paged cache's bytes equal
+    these predictions (test_cache_bytes_equal_the_planner, benchmarks/bench_engine.py)."""
+    hybrid = AttentionConfig.preset("small", quant="official")
+    full = hybrid.replace(compress_ratios=["full"] * hybrid.n_total_layers)
+    ratio = (sum(kv_cache_bytes_by_type(hybrid, 131072).values())
+             / sum(kv_cache_bytes_by_type(full, 131072).values()))
+    assert ratio < 1 / 8
