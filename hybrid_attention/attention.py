@@ -25,6 +25,9 @@ from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_HAS_CPU_FLASH = _CPU_FLASH is not None
+
 # Largest number of fp32 scores one query block may hold ([block, heads, keys]); bounds memory.
 SCORE_BUDGET = 1 << 25
 
@@ -199,6 +202,9 @@ class HybridAttention(nn.Module):
             windows = padded.unfold(1, win, 1)
             n_keys = win + (compressed.size(1) if compressed is not None else 0)
         else:
+            if not torch.is_grad_enabled() and _HAS_CPU_FLASH and not q.is_cuda:
+                attended = float((positions + 1).sum()) * b
+                return self._full_attention_fused(q, keys, start), {"attended_keys": attended / (b * s)}
             n_keys = keys.size(1)
         block = self._block_size(n_keys)
         outputs, losses, attended = [], [], 0.0
@@ -262,6 +268,26 @@ class HybridAttention(nn.Module):
         if return_aux:
             aux["indexer_loss"] = _mean_loss(losses, q)
         return o, aux
+
+    def _full_attention_fused(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Inference path of the "full" kind: torch's fused CPU flash kernel, which also returns the
+        log-sum-exp, over the earlier rows (no mask) and the chunk's own rows (causal); the two
+        partial softmaxes and the sink are then merged:
+            o = sum_i o_i e^(lse_i - m) / (sum_i e^(lse_i - m) + e^(sink - m)).
+        Equal to the blocked path (tested); that path stays the one autograd sees."""
+        b, s, h, d = q.shape
+        qh = q.float().transpose(1, 2)  # [b, h, s, d]
+        parts = []
+        for rows, causal in ((keys[:, :start], False), (keys[:, start:], True)):
+            if rows.size(1):
+                kv = rows.float()[:, None].expand(b, h, rows.size(1), d)  # the one KV head, shared
+                parts.append(_CPU_FLASH(qh, kv, kv, 0.0, causal, attn_mask=None, scale=self.scale)[:2])
+        sink = self.attn_sink.float()[None, :, None]  # [1, h, 1]
+        m = torch.stack([lse for _, lse in parts]).amax(0).clamp_min(sink)  # [b, h, s]
+        weights = [torch.exp(lse - m) for _, lse in parts]
+        denom = sum(weights) + torch.exp(sink - m)
+        o = sum(part * (w / denom)[..., None] for (part, _), w in zip(parts, weights, strict=True))
+        return o.transpose(1, 2)  # [b, s, h, d] fp32
 
     def _indexer_loss_terms(self, entry_probs, qi, head_weights, index_keys, picks, visible):
         """Per-block (sum of KL, number of queries) for the indexer loss (see `indexer_kl_loss`)."""

@@ -228,3 +228,17 @@ def test_state_reports_its_bytes():
     assert parts["compressed_kv"] == 2 * 5 * d * 4 and parts["indexer_keys"] == 2 * 5 * di * 4
     assert parts["compressor_tail"] == 2 * (2 * 8 * 2 * d + 2 * 8 * 2 * di) * 4
     assert state.nbytes() == sum(parts.values())
+
+
+def test_full_kind_fused_inference_path_equals_the_blocked_path():
+    layer = LAYERS["full"]
+    x = torch.randn(2, 45, TINY.dim)
+    with torch.no_grad():
+        fused = layer(x)
+        state = layer.new_state(2)
+        streamed = torch.cat([layer(x[:, :20], state=state), layer(x[:, 20:21], state=state),
+                              layer(x[:, 21:], state=state)], 1)
+    blocked = layer(x)  # autograd on: the readable blocked path
+    assert blocked.requires_grad
+    assert_close("fused vs blocked", blocked.detach(), fused)
+    assert_close("fused streamed", blocked.detach(), streamed)
