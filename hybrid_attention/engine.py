@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import PagedKVCache, PagedLayerState
+from .cache import CacheFullError, PagedKVCache
 from .model import HybridTransformer, forward_ragged
 
 CONTEXT_MAGIC = b"HYBRIDCTX\n"
@@ -44,6 +44,7 @@ class GenerationResult:
     finish_reason: str = ""  # "length", "stop" or "error"
     error: str | None = None
     context_tokens: int = 0  # tokens restored from a context file
+    shared_prefix_tokens: int = 0  # leading prompt tokens processed once for all requests
     cache_bytes: dict[str, int] = field(default_factory=dict)  # by storage type, at the end
     time_to_first_token: float = 0.0  # seconds from generate() to this request's first token
     total_time: float = 0.0
@@ -65,15 +66,18 @@ class Engine:
 
     cache_bytes: the memory budget of the cache; max_batch: requests running at once;
     prefill_chunk: prompt tokens a request feeds per step; max_seq_len: the longest request
-    (context + prompt + new tokens), by default the model's."""
+    (context + prompt + new tokens), by default the model's; share_prefix_min: prompts that all
+    start with at least this many equal tokens have that prefix processed once and shared."""
 
     def __init__(self, model: HybridTransformer, cache_bytes: int = 256 << 20, max_batch: int = 8,
-                 prefill_chunk: int = 512, max_seq_len: int | None = None, page_entries: int = 64) -> None:
+                 prefill_chunk: int = 512, max_seq_len: int | None = None, page_entries: int = 64,
+                 share_prefix_min: int = 256) -> None:
         if prefill_chunk < 1 or max_batch < 1:
             raise ValueError(f"prefill_chunk and max_batch must be >= 1, got {prefill_chunk}, {max_batch}")
         self.model = model.eval()
         self.cfg = model.cfg
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.share_prefix_min = share_prefix_min
         self.max_seq_len = max_seq_len or self.cfg.attention.max_seq_len
         if self.max_seq_len > self.cfg.attention.max_seq_len:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's "
@@ -108,21 +112,29 @@ class Engine:
         problem = self._check_prompt(prompt, 0, 0)
         if problem:
             raise ValueError(problem)
-        seq_id = self.cache.allocate(len(prompt))
-        try:
-            states = self.cache.states(seq_id)
-            for start in range(0, len(prompt), self.prefill_chunk):
-                chunk = torch.tensor(prompt[start:start + self.prefill_chunk])
-                logits = forward_ragged(self.model, [chunk], [states])[0]
-            payload = _serialise_states(states, logits, prompt)
-        finally:
-            self.cache.free(seq_id)
+        buffer = io.BytesIO()
+        torch.save(self._process(prompt), buffer)
+        payload = buffer.getvalue()
         header = {"format_version": CONTEXT_FORMAT_VERSION, "model": self._fingerprint(),
                   "tokens": len(prompt), "sha256": hashlib.sha256(payload).hexdigest(),
                   "payload_bytes": len(payload)}
         head = json.dumps(header).encode()
         Path(path).write_bytes(CONTEXT_MAGIC + struct.pack("<Q", len(head)) + head + payload)
         return {"tokens": len(prompt), "file_bytes": len(CONTEXT_MAGIC) + 8 + len(head) + len(payload)}
+
+    def _process(self, prompt: list[int]) -> dict:
+        """Run a prompt through a temporary sequence: {"tokens", "prompt", "logits" (of its last
+        token), "layers" (every state's bytes)}, the content of a context file."""
+        seq_id = self.cache.allocate(len(prompt))
+        try:
+            states = self.cache.states(seq_id)
+            for start in range(0, len(prompt), self.prefill_chunk):
+                chunk = torch.tensor(prompt[start:start + self.prefill_chunk])
+                logits = forward_ragged(self.model, [chunk], [states])[0]
+            return {"tokens": len(prompt), "prompt": prompt, "logits": logits.clone(),
+                    "layers": [state.snapshot() for state in states]}
+        finally:
+            self.cache.free(seq_id)
 
     # Scheduling -----------------------------------------------------------------------------
 
@@ -153,6 +165,10 @@ class Engine:
             generator = torch.Generator().manual_seed(seed + i)
             waiting.append(_Request(result, prompt, max_new_tokens, generator))
 
+        if restored is None and len(waiting) >= 2:
+            restored = self._shared_prefix(waiting)
+            context_len = restored["tokens"] if restored else 0
+
         running: list[_Request] = []
         self.last_run = {"steps": 0, "peak_running": 0}
         # Requests continuing a context share its full pages; each copies the window and tails.
@@ -166,6 +182,27 @@ class Engine:
             if prefix is not None:
                 self.cache.drop_prefix(prefix)
         yield results
+
+    def _shared_prefix(self, waiting) -> dict | None:
+        """When every waiting prompt starts with the same `share_prefix_min`+ tokens, process them
+        once; the requests then continue from it, sharing its full pages. Keeps each request at
+        least one token of its own (unless its prompt is the prefix: it samples from the prefix's
+        logits)."""
+        prompts = [req.prompt for req in waiting]
+        common = 0
+        shortest = min(len(p) for p in prompts)
+        while common < shortest and all(p[common] == prompts[0][common] for p in prompts):
+            common += 1
+        if common < self.share_prefix_min:
+            return None
+        try:
+            shared = self._process(prompts[0][:common])
+        except CacheFullError:
+            return None  # not enough room to hold it on the side: serve the requests unshared
+        for req in waiting:
+            req.prompt = req.prompt[common:]
+            req.result.shared_prefix_tokens = common
+        return shared
 
     def _schedule(self, waiting, running, prefix, restored, context_len, temperature, top_p, stop,
                   start_time):
@@ -268,13 +305,6 @@ class Engine:
             raise ContextFileError(f"{path} holds {restored['tokens']} tokens, "
                                    f"max_seq_len is {self.max_seq_len}")
         return restored
-
-
-def _serialise_states(states: list[PagedLayerState], logits: torch.Tensor, prompt: list[int]) -> bytes:
-    buffer = io.BytesIO()
-    layers = [state.snapshot() for state in states]
-    torch.save({"tokens": len(prompt), "prompt": prompt, "logits": logits.clone(), "layers": layers}, buffer)
-    return buffer.getvalue()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -157,3 +157,19 @@ def test_requests_on_one_context_share_its_full_pages(tmp_path):
     for suffix, result in zip(suffixes, results, strict=True):
         assert result.tokens == greedy_alone(MODEL, prefix + suffix, 4)
     assert len(pool.free) == pool.n_pages and all(r == 0 for r in pool.refs)
+
+
+def test_prompts_with_a_common_prefix_process_it_once_and_share_its_pages():
+    engine = Engine(MODEL, cache_bytes=8 << 20, max_batch=3, page_entries=16, share_prefix_min=32)
+    common = torch.randint(0, 256, (200,)).tolist()
+    prompts = [common + [1, 2], common + [3], common]  # the last one is the prefix itself
+    pool = engine.cache.pools["full_kv"]
+    peak = []
+    results = engine.generate(prompts, max_new_tokens=4,
+                              on_token=lambda i, t: peak.append(pool.n_pages - len(pool.free)))
+    assert [r.shared_prefix_tokens for r in results] == [200, 200, 200]
+    assert max(peak) <= 12 + 3 + 3  # 12 shared full pages + per request its partial and new pages
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.tokens == greedy_alone(MODEL, prompt, 4)
+    unshared = Engine(MODEL, cache_bytes=8 << 20, max_batch=3, share_prefix_min=10_000)
+    assert [r.shared_prefix_tokens for r in unshared.generate(prompts, max_new_tokens=1)] == [0, 0, 0]
