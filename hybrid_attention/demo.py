@@ -445,8 +445,7 @@ def run(args: argparse.Namespace) -> int:
         "(aux['attended_keys']; dense: t + 1 at position t). State B/token: state.nbytes() / tokens.",
     ]
     if full_len < args.seq_len:
-        notes.append(f"'full' runs at {full_len} tokens: it is dense causal attention written in "
-                     f"torch ops and grows with the square of the length; --full-seq-len 0 runs it at "
-                     f"{args.seq_len}.")
+        notes.append(f"'full' runs at {full_len} tokens: it is dense causal attention, whose cost grows "
+                     f"with the square of the length; --full-seq-len 0 runs it at {args.seq_len}.")
     print("\n".join("note: " + n for n in notes))
     return 0
