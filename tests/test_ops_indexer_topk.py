@@ -15,14 +15,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 
 import pytest
 import torch
+import triton  # noqa: E402,F401  (a dev dependency: `make test` installs it; these tests must run)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_attention.indexer import index_scores, select_entries
 from hybrid_attention.ops import FP4Keys, indexer_topk
 from hybrid_attention.quant import fake_quant_fp4
-
-pytest.importorskip("triton", reason="the Triton backend needs triton (pip install triton)")
 
 
 def grid_inputs(b: int, s: int, heads: int, head_dim: int, n_keys: int, dtype=torch.bfloat16, seed: int = 0):

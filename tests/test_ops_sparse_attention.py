@@ -7,13 +7,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 
 import pytest
 import torch
+import triton  # noqa: E402,F401  (a dev dependency: `make test` installs it; these tests must run)
 from conftest import TOLERANCE, assert_close
 
 from hybrid_attention.attention import window_indices_decode, window_indices_prefill
 from hybrid_attention.ops import FP8KV, sparse_attention
 from hybrid_attention.quant import fake_quant_nope_fp8
-
-pytest.importorskip("triton", reason="the Triton backend needs triton (pip install triton)")
 
 
 def check(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
