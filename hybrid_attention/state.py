@@ -9,7 +9,7 @@ onto its pools; the layer only calls the methods below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -85,7 +85,6 @@ class LayerState(StreamingState):
     compressed: GrowingRows | None = None  # [b, pos // ratio, d]
     index_compressor: CompressorState | None = None
     index_keys: GrowingRows | None = None  # [b, pos // ratio, index_head_dim]
-    extra: dict = field(default_factory=dict)
 
     def window_rows(self, count: int) -> torch.Tensor:
         """The last `count` (<= window_size, <= pos) KV rows in position order, [b, count, d]."""
