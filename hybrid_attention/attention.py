@@ -20,7 +20,6 @@ from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
 from .modules import Linear, RMSNorm, head_rms_normalize
 from .ops import indexer_topk, sparse_attention
-from .ops.sparse_attention.reference import sink_softmax
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
@@ -131,7 +130,8 @@ class HybridAttention(nn.Module):
         positions = torch.arange(start, start + s, device=x.device)
         freqs = self._freqs.to(x.device)
 
-        q, kv, qr = self._project(x, positions, freqs)
+        qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]; queries are finished a block at a time
+        kv = self._kv_rows(x, positions, freqs)
         if self.kind == "full":
             keys = work.kv.with_appended(kv)  # [b, start + s, d]
             context = start
@@ -140,7 +140,7 @@ class HybridAttention(nn.Module):
             keys = torch.cat((work.window_rows(context), kv), dim=1)  # [b, context + s, d]
 
         updates = {}
-        compressed = index_keys = qi = head_weights = None
+        compressed = index_keys = head_weights = None
         if self.compressor is not None:
             entries, updates["compressor"] = self.compressor(
                 x, start, work.compressor, freqs, self.cfg.quant)
@@ -148,34 +148,36 @@ class HybridAttention(nn.Module):
             compressed = work.compressed.with_appended(entries)  # [b, (start + s) // r, d]
         if self.indexer is not None:
             # The indexer learns only from its own loss: its inputs are detached (DeepSeek-V3.2).
-            xd, qrd = x.detach(), qr.detach()
             new_keys, updates["index_compressor"] = self.indexer.compressor(
-                xd, start, work.index_compressor, freqs, self.cfg.quant)
+                x.detach(), start, work.index_compressor, freqs, self.cfg.quant)
             updates["index_keys"] = new_keys
             index_keys = work.index_keys.with_appended(new_keys)
-            qi = self.indexer.queries(qrd, positions, freqs)  # [b, s, hi, di]
-            head_weights = self.indexer.head_weights(xd)  # [b, s, hi]
+            head_weights = self.indexer.head_weights(x.detach())  # [b, s, hi]
 
-        o, aux = self._attend(q, keys, context, positions, compressed, index_keys, qi,
+        y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
                               head_weights, return_aux, dense_csa)
-        o = apply_rope(o.to(x.dtype), positions, freqs, inverse=True)
-        y = self._output(o)
-
         if state is not None:
             self._commit(state, kv, updates)
         if return_aux:
             return y, aux
         return y
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor):
-        """Query path (SPEC 3.2) and KV path (SPEC 3.3)."""
-        qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [b, s, h, d]
-        q = apply_rope(head_rms_normalize(q, self.cfg.norm_eps), positions, freqs)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)  # [b, s, d]
+    def _queries(self, qr: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Query path after the low-rank bottleneck (SPEC 3.2): qr [b, n, q_lora] -> q [b, n, h, d]."""
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        return apply_rope(head_rms_normalize(q, self.cfg.norm_eps), positions, freqs)
+
+    def _kv_rows(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """KV path (SPEC 3.3): x [b, s, dim] -> the shared KV rows [b, s, d]."""
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)
         if self.cfg.quant == "official":
             kv = fake_quant_nope_fp8(kv, self.rope_dim, block=64)
-        return q, kv, qr
+        return kv
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor):
+        """Query path (SPEC 3.2) and KV path (SPEC 3.3) of a whole chunk: q, kv, qr."""
+        qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]
+        return self._queries(qr, positions, freqs), self._kv_rows(x, positions, freqs), qr
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection (SPEC 3.5): o [b, s, h, d] -> [b, s, dim]."""
@@ -189,92 +191,128 @@ class HybridAttention(nn.Module):
     def _block_size(self, n_keys: int) -> int:
         return max(1, min(self.cfg.query_block_size, SCORE_BUDGET // (self.n_heads * max(n_keys, 1))))
 
-    def _attend(self, q, keys, context, positions, compressed, index_keys, qi, head_weights,
+    def _attend(self, qr, keys, context, positions, freqs, compressed, index_keys, head_weights,
                 return_aux, dense_csa):
-        """Joint softmax over window rows + compressed entries + sink, one query block at a time."""
-        b, s = q.shape[:2]
+        """Everything after the shared rows, one query block at a time: the block's queries, the
+        joint softmax over its window rows + compressed entries + sink, the de-rotation and the
+        output projection. Each block's intermediates are small enough to stay in cache."""
+        b, s = qr.shape[:2]
         win = self.cfg.window_size
         start = int(positions[0])
-        if self.kind != "full":
+        windows = None
+        if self.kind == "full":
+            n_keys = keys.size(1)
+            fused = not torch.is_grad_enabled() and _HAS_CPU_FLASH and not qr.is_cuda
+        else:
             # Query t's window is rows [t, t + win) of the keys padded in front to win - 1 rows of
             # context; unfold makes that a zero-copy view [b, s, d, win].
             padded = nn.functional.pad(keys, (0, 0, win - 1 - context, 0))
             windows = padded.unfold(1, win, 1)
-            n_keys = win + (compressed.size(1) if compressed is not None else 0)
-        else:
-            if not torch.is_grad_enabled() and _HAS_CPU_FLASH and not q.is_cuda:
-                attended = float((positions + 1).sum()) * b
-                return self._full_attention_fused(q, keys, start), {"attended_keys": attended / (b * s)}
-            n_keys = keys.size(1)
+            n_entries = compressed.size(1) if compressed is not None else 0
+            if self.kind == "csa" and not dense_csa:
+                n_entries = min(n_entries, self.cfg.index_topk)
+            n_keys = win + n_entries
+            fused = False
         block = self._block_size(n_keys)
         outputs, losses, attended = [], [], 0.0
         for a in range(0, s, block):
             e = min(s, a + block)
-            q_blk = q[:, a:e].float()  # [b, n, h, d]
             pos = positions[a:e]
-            scores, values = [], []  # segments: scores [b, n, h, k], values and how to apply them
-            if self.kind == "full":
-                key_pos = torch.arange(start + e, device=q.device)
-                z = torch.einsum("bqhd,bkd->bqhk", q_blk, keys[:, : start + e].float()) * self.scale
-                mask = key_pos[None, :] > pos[:, None]  # [n, k]
-                scores.append(z.masked_fill(mask[None, :, None], float("-inf")))
-                values.append(("dense", keys[:, : start + e]))
-                attended += float((~mask).sum()) * b
+            q = self._queries(qr[:, a:e], pos, freqs)  # [b, n, h, d]
+            if fused:
+                o = self._full_attention_fused(q, keys[:, :start + e], start + a)
+                attended += float((pos + 1).sum()) * b
             else:
-                w = windows[:, a:e].float()  # [b, n, d, win]
-                key_pos = pos[:, None] - win + 1 + torch.arange(win, device=q.device)
-                z = torch.einsum("bqhd,bqdw->bqhw", q_blk, w) * self.scale
-                scores.append(z.masked_fill((key_pos < 0)[None, :, None], float("-inf")))
-                values.append(("window", w))
-                attended += float((key_pos >= 0).sum()) * b
-            picks = None
-            if compressed is not None:
-                visible = visible_entries(pos, self.ratio)  # [n]
-                # No query of the block sees past its last query's entries: skip the rest.
-                n_visible = int(visible[-1])
-                entries = compressed[:, :n_visible]
-                block_keys = index_keys[:, :n_visible] if index_keys is not None else None
-                if self.kind == "hca" or dense_csa:
-                    z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float()) * self.scale
-                    hidden = torch.arange(n_visible, device=q.device) >= visible[:, None]
-                    scores.append(z.masked_fill(hidden[None, :, None], float("-inf")))
-                    values.append(("dense", entries))
-                    attended += float((~hidden).sum()) * b
-                else:
-                    with torch.no_grad():
-                        picks = indexer_topk(qi[:, a:e], head_weights[:, a:e], block_keys,
-                                             min(self.cfg.index_topk, n_visible), visible).long()
-                    rows = gather_rows(entries, picks.clamp_min(0))  # [b, n, k, d]
-                    z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float()) * self.scale
-                    scores.append(z.masked_fill((picks < 0)[:, :, None], float("-inf")))
-                    values.append(("gathered", rows))
-                    attended += float((picks >= 0).sum())
-            probs = sink_softmax(torch.cat(scores, dim=-1), self.attn_sink)
-            out = 0
-            for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
-                if how == "window":
-                    out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
-                elif how == "dense":
-                    out = out + p @ v.float()[:, None]
-                else:
-                    out = out + p @ v.float()
-            outputs.append(out)
-            if return_aux and self.kind == "csa":
-                entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
-                losses.append(self._indexer_loss_terms(
-                    entry_probs, qi[:, a:e], head_weights[:, a:e], block_keys, picks, visible))
-        o = torch.cat(outputs, dim=1)  # [b, s, h, d] fp32
+                qi = None
+                if self.indexer is not None:
+                    qi = self.indexer.queries(qr[:, a:e].detach(), pos, freqs)  # [b, n, hi, di]
+                o, count, loss = self._attend_block(
+                    q, pos, keys, windows, a, e, compressed, index_keys, qi,
+                    None if head_weights is None else head_weights[:, a:e], return_aux, dense_csa)
+                attended += count
+                if loss is not None:
+                    losses.append(loss)
+            o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
+            outputs.append(self._output(o))
+        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         aux = {"attended_keys": attended / (b * s)}
         if return_aux:
-            aux["indexer_loss"] = _mean_loss(losses, q)
-        return o, aux
+            aux["indexer_loss"] = _mean_loss(losses, qr)
+        return y, aux
+
+    def _attend_block(self, q, pos, keys, windows, a, e, compressed, index_keys, qi, head_weights,
+                      return_aux, dense_csa):
+        """Queries [a, e) of the chunk: o [b, n, h, d] fp32, the (query, key) pairs attended, and
+        the block's indexer loss terms (or None)."""
+        b = q.size(0)
+        win = self.cfg.window_size
+        start = int(pos[0]) - a
+        q_blk = q.float() * self.scale  # [b, n, h, d], the softmax scale folded in
+        scores, values = [], []  # segments: scores [b, n, h, k], values and how to apply them
+        attended = 0.0
+        if self.kind == "full":
+            key_pos = torch.arange(start + e, device=q.device)
+            z = torch.einsum("bqhd,bkd->bqhk", q_blk, keys[:, : start + e].float())
+            mask = key_pos[None, :] > pos[:, None]  # [n, k]
+            scores.append(z.masked_fill_(mask[None, :, None], float("-inf")))
+            values.append(("dense", keys[:, : start + e]))
+            attended += float((~mask).sum()) * b
+        else:
+            w = windows[:, a:e].float()  # [b, n, d, win]
+            z = torch.einsum("bqhd,bqdw->bqhw", q_blk, w)
+            first = int(pos[0])
+            if first < win - 1:  # the first queries' windows reach before position 0
+                key_pos = pos[:, None] - win + 1 + torch.arange(win, device=q.device)
+                z.masked_fill_((key_pos < 0)[None, :, None], float("-inf"))
+            scores.append(z)
+            values.append(("window", w))
+            attended += float((pos + 1).clamp_max(win).sum()) * b
+        picks = block_keys = visible = None
+        if compressed is not None:
+            visible = visible_entries(pos, self.ratio)  # [n]
+            # No query of the block sees past its last query's entries: skip the rest.
+            n_visible = int(visible[-1])
+            entries = compressed[:, :n_visible]
+            block_keys = index_keys[:, :n_visible] if index_keys is not None else None
+            if self.kind == "hca" or dense_csa:
+                z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float())
+                lo = int(visible[0])  # every query of the block sees the entries before this one
+                hidden = torch.arange(lo, n_visible, device=q.device) >= visible[:, None]
+                z[..., lo:].masked_fill_(hidden[None, :, None], float("-inf"))
+                scores.append(z)
+                values.append(("dense", entries))
+                attended += float(visible.sum()) * b
+            else:
+                with torch.no_grad():
+                    picks = indexer_topk(qi, head_weights, block_keys,
+                                         min(self.cfg.index_topk, n_visible), visible).long()
+                rows = gather_rows(entries, picks.clamp_min(0))  # [b, n, k, d]
+                z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float())
+                scores.append(z.masked_fill_((picks < 0)[:, :, None], float("-inf")))
+                values.append(("gathered", rows))
+                attended += float((picks >= 0).sum())
+        probs = sink_softmax_fused(scores, self.attn_sink)
+        out = 0
+        for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
+            if how == "window":
+                out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
+            elif how == "dense":
+                out = out + p @ v.float()[:, None]
+            else:
+                out = out + p @ v.float()
+        loss = None
+        if return_aux and self.kind == "csa":
+            entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
+            loss = self._indexer_loss_terms(entry_probs, qi, head_weights, block_keys, picks, visible)
+        return out, attended, loss
 
     def _full_attention_fused(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Inference path of the "full" kind: torch's fused CPU flash kernel, which also returns the
-        log-sum-exp, over the earlier rows (no mask) and the chunk's own rows (causal); the two
+        log-sum-exp, over the earlier rows (no mask) and the block's own rows (causal); the two
         partial softmaxes and the sink are then merged:
             o = sum_i o_i e^(lse_i - m) / (sum_i e^(lse_i - m) + e^(sink - m)).
-        Equal to the blocked path (tested); that path stays the one autograd sees."""
+        q [b, n, h, d] at positions [start, start + n), keys [b, start + n, d]. Equal to the blocked
+        path (tested); that path stays the one autograd sees."""
         b, s, h, d = q.shape
         qh = q.float().transpose(1, 2)  # [b, h, s, d]
         parts = []
@@ -459,6 +497,16 @@ def indexer_kl_loss(entry_probs: torch.Tensor, student_scores: torch.Tensor,
     log_teacher = torch.where(teacher > 0, teacher.log(), torch.zeros_like(teacher))
     kl = (teacher * (log_teacher - log_student)).sum(-1)  # [b, n]
     return (kl * counted).sum(), int(counted.sum())
+
+
+def sink_softmax_fused(segments: list[torch.Tensor], sink: torch.Tensor) -> torch.Tensor:
+    """The joint softmax of `sink_softmax` over the score segments [b, n, h, k_i] laid side by
+    side, with the sink as one more column, in one fused `torch.softmax`: [b, n, h, sum k_i] fp32.
+    Every row has a finite score (a query's window holds its own row), so no row is all -inf."""
+    b, n, h = segments[0].shape[:3]
+    sink_column = sink.float()[:, None].expand(b, n, h, 1)
+    probs = torch.softmax(torch.cat((*segments, sink_column), dim=-1), dim=-1)
+    return probs[..., :-1]
 
 
 def _mean_loss(terms: list, like: torch.Tensor) -> torch.Tensor:

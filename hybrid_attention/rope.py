@@ -47,7 +47,10 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     cos, sin = angles.cos(), angles.sin()
     if inverse:
         sin = -sin
-    rot = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))
-    a, b = rot[..., 0], rot[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return torch.cat((x[..., :-rope_dim], rotated.to(x.dtype)), dim=-1)
+    # Pair k as a complex number times e^(i angle): (a cos - b sin) + i (a sin + b cos).
+    out = x.float().contiguous()
+    if out.data_ptr() == x.data_ptr():
+        out = out.clone()  # fp32 and contiguous already: do not rotate x in place
+    pairs = torch.view_as_complex(out[..., -rope_dim:].unflatten(-1, (-1, 2)))
+    out[..., -rope_dim:] = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+    return out.to(x.dtype)

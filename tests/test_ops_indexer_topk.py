@@ -97,6 +97,23 @@ def test_reference_is_the_indexer_selection():
     assert torch.equal(got.long(), expected)
 
 
+@settings(max_examples=25, deadline=None)
+@given(s=st.integers(1, 24), n_keys=st.integers(1, 30), k=st.integers(1, 10), tile=st.integers(1, 9),
+       levels=st.integers(1, 4), seed=st.integers(0, 999),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_reference_ties_against_the_indexer_selection(s, n_keys, k, tile, levels, seed, dtype):
+    """Scores drawn from `levels` values: most rows tie at the k-th score, some do not; the fast
+    top-k with its packed-key redo of tied rows must pick the oracle's set in every tile split."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.ones(1, s, 1, 32, dtype=dtype)
+    keys = (torch.randint(0, levels, (1, n_keys, 1), generator=g).float() / 32).expand(1, n_keys, 32)
+    weights = torch.randint(-2, 3, (1, s, 1), generator=g).to(dtype)
+    visible = torch.randint(0, n_keys + 1, (s,), generator=g)
+    expected = select_entries(index_scores(q, weights, keys.to(dtype)), visible, min(k, n_keys))
+    got = indexer_topk(q, weights, keys.to(dtype), min(k, n_keys), visible, backend="torch", query_block=tile)
+    assert torch.equal(got.long(), expected)
+
+
 def test_reference_scores_are_index_scores_bit_for_bit():
     """On arbitrary bf16 inputs the reference's in-place scores equal `indexer.index_scores`."""
     from hybrid_attention.ops.indexer_topk.reference import block_scores

@@ -7,11 +7,15 @@ For query (b, t) and entry i < visible[b, t]:
     picks   = the k entries with the largest I, ties to the lower entry index, in ascending order
     -1 fills the list when the query sees fewer than k entries.
 
-Queries are scored a block at a time against only the entries the block can see, so memory stays
-[block, entries], never [queries, entries] (SPEC 9, limitation 1). The scores are those of
-`indexer.index_scores` (same GEMMs, same roundings) computed in place, and the top-k with ties to
-the lower id is one `torch.topk` over packed (score, id) keys (`common.pack_scores`), which picks
-the same set as `indexer.topk_lowest_index_ties` without its sort-free but memory-heavy cumsum.
+Queries are scored a tile at a time against only the entries the tile can see, so memory stays
+[tile, entries], never [queries, entries] (SPEC 9, limitation 1). Tiles are small enough for the
+scores to stay in the CPU's cache between the GEMM, the per-head ReLU and weighting, and the
+top-k. The scores are those of `indexer.index_scores` (same GEMMs, same roundings).
+
+The top-k is a plain `torch.topk` of k + 1 on the scores: when the (k+1)-th best is below the k-th,
+the k best are one set whatever the order among equals. The rows where the two tie are redone
+with one `torch.topk` over packed (score, id) keys (`common.pack_scores`), which breaks ties to the
+lower id. Either way the set is that of `indexer.topk_lowest_index_ties`.
 """
 
 from __future__ import annotations
@@ -20,18 +24,51 @@ import torch
 
 from .common import EMPTY_KEY, FP4Keys, pack_scores, unpack_entries
 
-# Largest [b, block, entries] score matrix of one query block, in elements.
-SCORE_BUDGET = 1 << 24
+# Per-head scores of one query tile, [b, tile, heads, entries], in elements (8 MB of fp32: they
+# stay in cache between the GEMM, the ReLU and weighting, the head sum and the top-k).
+SCORE_TILE = 1 << 21
+MIN_TILE_QUERIES = 8  # below this the GEMM gets too thin to run fast
 
 
 def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q [b, n, hi, di], weights [b, n, hi], keys [b, t, di] -> fp32 [b, n, t], the values of
-    `indexer.index_scores`: per-head products rounded to q.dtype, summed over heads in fp32."""
-    total = torch.zeros(*q.shape[:2], keys.size(1), device=q.device, dtype=torch.float32)
-    for h in range(q.size(2)):
-        head = q[:, :, h] @ keys.transpose(1, 2)  # [b, n, t] in q.dtype
-        total += head.clamp_min_(0).mul_(weights[:, :, h, None])  # relu, weight, in q.dtype
-    return total.to(q.dtype).float()
+    `indexer.index_scores`: per-head products rounded to q.dtype, summed over heads in fp32.
+
+    One GEMM for all heads; ReLU and weighting in place; the sum over the head axis adds the heads
+    in order, in fp32 (a bf16 sum accumulates in fp32 and rounds once), so the values are bit for
+    bit those of the per-head loop."""
+    b, n, hi, di = q.shape
+    per_head = (q.reshape(b, n * hi, di) @ keys.transpose(1, 2)).view(b, n, hi, -1)  # [b, n, hi, t]
+    per_head.clamp_min_(0).mul_(weights[..., None])  # relu, weight, in q.dtype
+    return per_head.sum(dim=2, dtype=torch.float32) if q.dtype == torch.float32 else \
+        per_head.sum(dim=2).float()
+
+
+def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
+    """fp32 scores [b, n, t], seen [b, n] (entries each query may see, <= t), k <= t -> int64 ids
+    [b, n, k] of the k best visible entries, ties to the lower id, ascending, -1 past `seen`.
+    Overwrites the hidden scores with -inf."""
+    t = scores.size(-1)
+    entry = torch.arange(t, device=scores.device)
+    lo = int(seen.min())  # every query sees the columns before this one
+    if lo < t:
+        scores[..., lo:].masked_fill_(entry[lo:] >= seen[..., None], float("-inf"))
+    few = seen <= k  # the query sees at most k entries: it takes all of them
+    if k == t:
+        ids, tied = entry.expand(*scores.shape[:-1], k), torch.zeros_like(few)
+    else:
+        # The k + 1 best: the set of k is unambiguous when the (k+1)-th is below the k-th.
+        values, ids = scores.topk(k + 1, dim=-1, sorted=False)
+        order = values.argsort(dim=-1, descending=True, stable=True)
+        ids = ids.gather(-1, order[..., :k]).sort(dim=-1).values
+        last_two = values.gather(-1, order[..., k - 1:])  # the k-th and (k+1)-th values
+        tied = (last_two[..., 0] == last_two[..., 1]) & ~few
+    if few.any():
+        ids = torch.where(few[..., None], entry[:k], ids)
+    if tied.any():  # redo with packed (score, id) keys, which break ties to the lower id
+        packed = pack_scores(scores[tied], entry).masked_fill_(entry >= seen[tied][:, None], EMPTY_KEY)
+        ids[tied] = unpack_entries(packed.topk(k, dim=-1, sorted=False).values).sort(dim=-1).values
+    return ids.masked_fill_(ids >= seen[..., None], -1)
 
 
 def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP4Keys, k: int,
@@ -44,17 +81,13 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     picks = torch.full((b, s, k), -1, dtype=torch.int32, device=q.device)
     if k == 0 or s == 0:
         return picks
-    block = query_block or max(1, SCORE_BUDGET // max(1, b * keys.size(1)))
-    for start in range(0, s, block):
-        seen = visible[:, start:start + block, None].long()  # [b, n, 1]
-        n_cols = int(seen.max())  # no query of the block sees past this entry
+    tile = query_block or max(MIN_TILE_QUERIES, SCORE_TILE // max(1, b * q.size(2) * keys.size(1)))
+    for start in range(0, s, tile):
+        seen = visible[:, start:start + tile].long()  # [b, n]
+        n_cols = int(seen.max())  # no query of the tile sees past this entry
         if n_cols == 0:
             continue
-        scores = block_scores(q[:, start:start + block], weights[:, start:start + block], keys[:, :n_cols])
-        entry = torch.arange(n_cols, device=q.device)
-        packed = pack_scores(scores, entry).masked_fill_(entry >= seen, EMPTY_KEY)  # [b, n, n_cols]
-        best = packed.topk(min(k, n_cols), dim=-1, sorted=False).values
-        # Ascending ids; a query that sees fewer than k entries also took hidden ones: make them -1.
-        ids = torch.where(best == EMPTY_KEY, n_cols, unpack_entries(best)).sort(dim=-1).values
-        picks[:, start:start + block, :best.size(-1)] = ids.masked_fill(ids == n_cols, -1).to(torch.int32)
+        scores = block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, :n_cols])
+        width = min(k, n_cols)
+        picks[:, start:start + tile, :width] = top_entries(scores, seen, width)
     return picks
