@@ -20,6 +20,7 @@ from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
 from .modules import Linear, RMSNorm, head_rms_normalize
 from .ops import indexer_topk, sparse_attention
+from .ops.dispatch import BACKENDS, resolve_backend
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
@@ -29,6 +30,9 @@ _HAS_CPU_FLASH = _CPU_FLASH is not None
 
 # Largest number of fp32 scores one query block may hold ([block, heads, keys]); bounds memory.
 SCORE_BUDGET = 1 << 25
+# Largest number of fp32 values of the rows one CSA query block gathers ([block, top-k, head_dim]):
+# 16 MB, so the buffer is reused from the heap instead of being mapped afresh for every block.
+GATHER_BUDGET = 1 << 22
 
 
 def window_indices_prefill(seq_len: int, window_size: int) -> torch.Tensor:
@@ -56,9 +60,14 @@ class HybridAttention(nn.Module):
     """One attention layer of kind `cfg.layer_kind(layer_id)`; parameter names match the official
     checkpoint under `attn.` (SPEC 11)."""
 
-    def __init__(self, cfg: AttentionConfig, layer_id: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, cfg: AttentionConfig, layer_id: int, dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.cfg, self.layer_id = cfg, layer_id
+        # "auto": the Triton kernels for CUDA tensors, the torch path otherwise (see `_attend`).
+        self.backend = backend
         self.kind = cfg.layer_kind(layer_id)
         self.ratio = cfg.compress_ratio(layer_id)
         self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
@@ -188,18 +197,27 @@ class HybridAttention(nn.Module):
         z = torch.einsum("bsgk,grk->bsgr", grouped, wo_a)  # [b, s, g, rank]
         return self.wo_b(z.flatten(2))
 
-    def _block_size(self, n_keys: int) -> int:
-        return max(1, min(self.cfg.query_block_size, SCORE_BUDGET // (self.n_heads * max(n_keys, 1))))
+    def _block_size(self, n_keys: int, gathered: int = 0) -> int:
+        """Queries per block: the config's size, shrunk so that the block's scores (n_keys per
+        query and head) and gathered rows (`gathered` per query) stay within their budgets."""
+        block = min(self.cfg.query_block_size, SCORE_BUDGET // (self.n_heads * max(n_keys, 1)))
+        if gathered:
+            block = min(block, GATHER_BUDGET // (gathered * self.head_dim))
+        return max(1, block)
 
     def _attend(self, qr, keys, context, positions, freqs, compressed, index_keys, head_weights,
                 return_aux, dense_csa):
         """Everything after the shared rows, one query block at a time: the block's queries, the
         joint softmax over its window rows + compressed entries + sink, the de-rotation and the
         output projection. Each block's intermediates are small enough to stay in cache."""
+        if self.kind != "full" and not (return_aux or dense_csa) \
+                and resolve_backend(self.backend, qr) == "triton":
+            return self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
+                                        head_weights)
         b, s = qr.shape[:2]
         win = self.cfg.window_size
         start = int(positions[0])
-        windows = None
+        windows, gathered = None, 0
         if self.kind == "full":
             n_keys = keys.size(1)
             fused = not torch.is_grad_enabled() and _HAS_CPU_FLASH and not qr.is_cuda
@@ -210,10 +228,10 @@ class HybridAttention(nn.Module):
             windows = padded.unfold(1, win, 1)
             n_entries = compressed.size(1) if compressed is not None else 0
             if self.kind == "csa" and not dense_csa:
-                n_entries = min(n_entries, self.cfg.index_topk)
+                n_entries = gathered = min(n_entries, self.cfg.index_topk)
             n_keys = win + n_entries
             fused = False
-        block = self._block_size(n_keys)
+        block = self._block_size(n_keys, gathered)
         outputs, losses, attended = [], [], 0.0
         for a in range(0, s, block):
             e = min(s, a + block)
@@ -305,6 +323,46 @@ class HybridAttention(nn.Module):
             entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
             loss = self._indexer_loss_terms(entry_probs, qi, head_weights, block_keys, picks, visible)
         return out, attended, loss
+
+    def _attend_indexed(self, qr, keys, context, positions, freqs, compressed, index_keys,
+                        head_weights):
+        """The kernel path (Triton on CUDA): one KV buffer (window rows, then compressed entries)
+        and an explicit row list per query (SPEC 4), fed to `ops.indexer_topk` and
+        `ops.sparse_attention` a query block at a time. Equal to the torch path (tested under
+        Triton's interpreter); the torch path keeps the indexer loss and the dense CSA warm-up."""
+        b, s = qr.shape[:2]
+        win, backend = self.cfg.window_size, self.backend
+        buffer = keys if compressed is None else torch.cat((keys, compressed.to(keys.dtype)), dim=1)
+        offset = keys.size(1)  # buffer row of compressed entry 0
+        n_entries = 0 if compressed is None else compressed.size(1)
+        n_keys = win + (min(n_entries, self.cfg.index_topk) if self.kind == "csa" else n_entries)
+        block = self._block_size(n_keys)
+        steps = torch.arange(win, device=qr.device)
+        outputs = []
+        for a in range(0, s, block):
+            e = min(s, a + block)
+            pos = positions[a:e]
+            q = self._queries(qr[:, a:e], pos, freqs)
+            # Query j of the chunk is buffer row context + j; its window is the win rows ending there.
+            rows = context + torch.arange(a, e, device=qr.device)[:, None] - win + 1 + steps  # [n, win]
+            lists = [rows.masked_fill(rows < 0, -1).expand(b, -1, -1)]
+            if compressed is not None:
+                visible = visible_entries(pos, self.ratio)  # [n]
+                if self.kind == "csa":
+                    n_visible = int(visible[-1])
+                    picks = indexer_topk(self.indexer.queries(qr[:, a:e], pos, freqs), head_weights[:, a:e],
+                                         index_keys[:, :n_visible], min(self.cfg.index_topk, n_visible),
+                                         visible, backend=backend)
+                else:
+                    picks = torch.arange(n_entries, device=qr.device).expand(len(pos), -1)
+                    picks = picks.masked_fill(picks >= visible[:, None], -1).expand(b, -1, -1)
+                lists.append(torch.where(picks >= 0, picks + offset, -1))
+            indices = torch.cat(lists, dim=-1).to(torch.int32)
+            o = sparse_attention(q, buffer, self.attn_sink, indices, self.scale, backend=backend)
+            o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
+            outputs.append(self._output(o))
+        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return y, {}  # aux is only asked for with return_aux, which takes the torch path
 
     def _full_attention_fused(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Inference path of the "full" kind: torch's fused CPU flash kernel, which also returns the
