@@ -30,15 +30,20 @@ SCORE_TILE = 1 << 21
 MIN_TILE_QUERIES = 8  # below this the GEMM gets too thin to run fast
 
 
-def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                 workspace: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, n, hi, di], weights [b, n, hi], keys [b, t, di] -> fp32 [b, n, t], the values of
     `indexer.index_scores`: per-head products rounded to q.dtype, summed over heads in fp32.
 
     One GEMM for all heads; ReLU and weighting in place; the sum over the head axis adds the heads
     in order, in fp32 (a bf16 sum accumulates in fp32 and rounds once), so the values are bit for
-    bit those of the per-head loop."""
+    bit those of the per-head loop. `workspace`: a flat q.dtype buffer of at least b*n*hi*t
+    elements for the per-head products, reused across tiles (fresh large buffers cost page faults
+    on CPU)."""
     b, n, hi, di = q.shape
-    per_head = (q.reshape(b, n * hi, di) @ keys.transpose(1, 2)).view(b, n, hi, -1)  # [b, n, hi, t]
+    t = keys.size(1)
+    out = None if workspace is None else workspace[: b * n * hi * t].view(b, n * hi, t)
+    per_head = torch.matmul(q.reshape(b, n * hi, di), keys.transpose(1, 2), out=out).view(b, n, hi, t)
     per_head.clamp_min_(0).mul_(weights[..., None])  # relu, weight, in q.dtype
     return per_head.sum(dim=2, dtype=torch.float32) if q.dtype == torch.float32 else \
         per_head.sum(dim=2).float()
@@ -82,12 +87,14 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     if k == 0 or s == 0:
         return picks
     tile = query_block or max(MIN_TILE_QUERIES, SCORE_TILE // max(1, b * q.size(2) * keys.size(1)))
+    workspace = q.new_empty(b * min(tile, s) * q.size(2) * keys.size(1))
     for start in range(0, s, tile):
         seen = visible[:, start:start + tile].long()  # [b, n]
         n_cols = int(seen.max())  # no query of the tile sees past this entry
         if n_cols == 0:
             continue
-        scores = block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, :n_cols])
+        scores = block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, :n_cols],
+                              workspace)
         width = min(k, n_cols)
         picks[:, start:start + tile, :width] = top_entries(scores, seen, width)
     return picks
