@@ -314,8 +314,8 @@ class HybridAttention(nn.Module):
         for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
             if how == "window":
                 out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
-            elif how == "dense":
-                out = out + p @ v.float()[:, None]
+            elif how == "dense":  # rows shared by the block's queries: one GEMM, no broadcast copy
+                out = out + (p.flatten(1, 2) @ v.float()).view(p.shape[:3] + (-1,))
             else:
                 out = out + p @ v.float()
         loss = None
