@@ -5,8 +5,9 @@
     python benchmarks/bench_prefill.py --quick               # a smoke run at 1K .. 4K
 
 For each length, dense SDPA and then each layer kind (window, CSA, HCA, full; "small" preset, batch
-1, fp32, no_grad) run once untimed, which warms up and measures peak memory, then `--repeats`
-timed runs (the median is shown). Peak memory is the growth of the resident set over the call
+1, fp32, no_grad) run once untimed, which warms up and measures peak memory. Then `--repeats`
+timed rounds run one call of every kind each, so that a slow spell of a shared host hits every kind
+of a round alike; the median per kind is shown. Peak memory is the growth of the resident set over the call
 (`hybrid_attention.demo.PeakMemory`): for the layers it counts everything the layer allocates from
 the hidden states x, for dense SDPA its q, K and V and its output. Dense SDPA is the attention core
 only, so the ratios favour it. GFLOP/s is `useful_flops()` / time.
@@ -64,16 +65,17 @@ def useful_flops(kind: str, cfg: AttentionConfig, seq_len: int, layer: nn.Module
     return flops
 
 
-def measure(step, repeats: int) -> tuple[float, int | None]:
-    """(median seconds of `repeats` timed calls, peak RSS growth of an untimed warm-up call)."""
+def peak_of(step) -> int | None:
+    """Peak RSS growth of one untimed call (which is also the warm-up)."""
     with PeakMemory() as mem:
         step(allocate_inside=True)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(allocate_inside=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), mem.peak
+    return mem.peak
+
+
+def timed(step) -> float:
+    start = time.perf_counter()
+    step(allocate_inside=False)
+    return time.perf_counter() - start
 
 
 def dense_step(cfg: AttentionConfig, seq_len: int, shared_kv: bool):
@@ -173,27 +175,36 @@ def main(argv=None) -> int:
           f"{cfg.window_size}, CSA ratio {cfg.csa_ratio} top-{cfg.index_topk}, HCA ratio "
           f"{cfg.compress_ratios[KINDS.index('hca')]}, query block {cfg.query_block_size} | batch 1, "
           f"fp32, no_grad | dense: SDPA is_causal, {dense_kv} | peak = RSS growth "
-          f"({peak_memory_method()}) | time: median of {args.repeats} after a warm-up")
+          f"({peak_memory_method()}) | time: median of {args.repeats} interleaved rounds after a warm-up")
     print(format_row(("tokens", "kind", "prefill s", "vs dense", "peak MB", "vs dense", "GFLOP/s",
                       "keys/query")))
-    bar = progress_bar(len(points), disable=args.no_progress)
-    dense = {}
+    bar = progress_bar(len(points) * (1 + args.repeats), disable=args.no_progress)
     try:
         with torch.no_grad():
             for length in args.lengths:
                 x = torch.randn(1, length, cfg.dim)
-                for kind in (DENSE, *args.kinds):
-                    if not runs(kind, length):
-                        continue
-                    bar.set_description(f"{kind} {length}")
+                kinds = [k for k in (DENSE, *args.kinds) if runs(k, length)]
+                steps = {k: dense_step(cfg, length, args.dense_kv == "shared") if k == DENSE
+                         else layer_step(layers[k], x) for k in kinds}
+                peaks = {}
+                for kind in kinds:  # warm-up and memory, one kind at a time
+                    bar.set_description(f"{kind} {length}: warm-up")
+                    peaks[kind] = peak_of(steps[kind])
+                    bar.update()
+                # Timed rounds: one call of every kind per round, so that a slow spell of the
+                # shared host hits all kinds of a round alike; the median per kind is shown.
+                times = {kind: [] for kind in kinds}
+                for r in range(args.repeats):
+                    for kind in kinds:
+                        bar.set_description(f"{kind} {length}: round {r + 1}")
+                        times[kind].append(timed(steps[kind]))
+                        bar.update()
+                steps.clear()  # frees the dense inputs before the next length
+                base_s = statistics.median(times[DENSE]) if DENSE in times else None
+                base_peak = peaks.get(DENSE)
+                for kind in kinds:
                     layer = layers.get(kind)
-                    step = (dense_step(cfg, length, args.dense_kv == "shared") if kind == DENSE
-                            else layer_step(layer, x))
-                    seconds, peak = measure(step, args.repeats)
-                    del step  # frees the dense inputs before the next point
-                    if kind == DENSE:
-                        dense[length] = (seconds, peak)
-                    base_s, base_peak = dense.get(length, (None, None))
+                    seconds, peak = statistics.median(times[kind]), peaks[kind]
                     ratio = f"{seconds / base_s:.2f}x" if base_s else "-"
                     mem_ratio = f"{peak / base_peak:.2f}x" if base_peak and peak is not None else "-"
                     gflops = useful_flops(kind, cfg, length, layer) / seconds / 1e9
@@ -201,7 +212,6 @@ def main(argv=None) -> int:
                     bar.write(format_row((length, kind, f"{seconds:.3f}", ratio,
                                           "-" if peak is None else f"{peak / MB:.0f}", mem_ratio,
                                           f"{gflops:.1f}", f"{keys:.1f}")))
-                    bar.update()
                 del x
     finally:
         bar.close()
