@@ -293,6 +293,7 @@ class HybridAttention(nn.Module):
             entries = compressed[:, :n_visible]
             block_keys = index_keys[:, :n_visible] if index_keys is not None else None
             if self.kind == "hca" or dense_csa:
+                entries = _dense(entries)
                 z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float())
                 lo = int(visible[0])  # every query of the block sees the entries before this one
                 hidden = torch.arange(lo, n_visible, device=q.device) >= visible[:, None]
@@ -332,7 +333,7 @@ class HybridAttention(nn.Module):
         Triton's interpreter); the torch path keeps the indexer loss and the dense CSA warm-up."""
         b, s = qr.shape[:2]
         win, backend = self.cfg.window_size, self.backend
-        buffer = keys if compressed is None else torch.cat((keys, compressed.to(keys.dtype)), dim=1)
+        buffer = keys if compressed is None else torch.cat((keys, _dense(compressed).to(keys.dtype)), dim=1)
         offset = keys.size(1)  # buffer row of compressed entry 0
         n_entries = 0 if compressed is None else compressed.size(1)
         n_keys = win + (min(n_entries, self.cfg.index_topk) if self.kind == "csa" else n_entries)
@@ -575,4 +576,10 @@ def _mean_loss(terms: list, like: torch.Tensor) -> torch.Tensor:
 
 def _detached(state):
     return type(state)(state.kv.detach(), state.score.detach())
+
+
+def _dense(rows):
+    """Compressed entries as a tensor: a lazy view of a paged cache (`cache.PagedRowsView`, which
+    otherwise decodes only the rows `gather_rows` picks) is decoded whole."""
+    return rows if isinstance(rows, torch.Tensor) else rows.dense()
 

@@ -162,6 +162,13 @@ class Pool:
         offset = first * self.page_entries
         return self.codec.decode(raw[start - offset:stop - offset])
 
+    def read_at(self, pages: list[int], entries: torch.Tensor) -> torch.Tensor:
+        """Decoded entries at positions `entries` [n] (int64) of a sequence whose entries fill
+        `pages` in order: [n, width]. Decodes those entries only."""
+        page_ids = torch.tensor(pages, dtype=torch.long, device=self.data.device)
+        slots = page_ids[entries // self.page_entries], entries % self.page_entries
+        return self.codec.decode(self.data[slots])
+
     def write(self, pages: list[int], start: int, rows: torch.Tensor) -> None:
         """Encode rows [n, width] into entries [start, start + n) (pages must already exist)."""
         if rows.size(0) == 0:
@@ -173,10 +180,13 @@ class Pool:
 
 
 class PagedRows:
-    """Rows of one sequence in a growing pool: the interface of `state.GrowingRows`."""
+    """Rows of one sequence in a growing pool: the interface of `state.GrowingRows`.
 
-    def __init__(self, pool: Pool, dtype: torch.dtype) -> None:
-        self.pool, self.dtype = pool, dtype
+    lazy: `with_appended` returns a `PagedRowsView`, which decodes only the rows that are read
+    (CSA compressed entries, of which a query attends to the top-k); otherwise the decoded tensor."""
+
+    def __init__(self, pool: Pool, dtype: torch.dtype, lazy: bool = False) -> None:
+        self.pool, self.dtype, self.lazy = pool, dtype, lazy
         self.pages: list[int] = []
         self.shared = 0  # leading pages shared with a prefix (full, so never written again)
         self.length = 0
@@ -184,7 +194,10 @@ class PagedRows:
     def view(self) -> torch.Tensor:
         return self.pool.read(self.pages, 0, self.length)[None].to(self.dtype)  # [1, n, width]
 
-    def with_appended(self, rows: torch.Tensor) -> torch.Tensor:
+    def with_appended(self, rows: torch.Tensor) -> "torch.Tensor | PagedRowsView":
+        """The stored rows plus `rows` [1, m, width] (not stored): [1, length + m, width]."""
+        if self.lazy:
+            return PagedRowsView(self, rows)
         return torch.cat((self.view(), rows.to(self.dtype)), dim=1)
 
     def append(self, rows: torch.Tensor) -> None:
@@ -218,6 +231,81 @@ class PagedRows:
         self.pages, self.shared, self.length = [], 0, 0
 
 
+class PagedRowsView:
+    """Rows [1, n, width] of a `PagedRows` followed by rows not stored yet, decoded when read.
+
+    `gather_rows(indices)` decodes only the rows it returns (row i < the stored length: slot
+    i % page_entries of page i // page_entries; later rows: the new ones), so a CSA decode step
+    reads its top-k entries, not the whole history. `dense()` decodes every row, once (slices share
+    it). Both give exactly the values of the dense tensor: the codecs decode each row on its own."""
+
+    def __init__(self, rows: PagedRows, new: torch.Tensor, stop: int | None = None,
+                 sliced_from: "PagedRowsView | None" = None) -> None:
+        self._rows, self._stored = rows, rows.length
+        self._new = new.to(rows.dtype)  # [1, m, width]
+        self._stop = rows.length + new.size(1) if stop is None else stop
+        self._sliced_from = sliced_from  # None for the view `with_appended` made
+        self._all: torch.Tensor | None = None  # the decoded rows, held by that view
+        self.dtype = rows.dtype
+
+    @property
+    def _root(self) -> "PagedRowsView":
+        # Not stored on the root itself: that cycle would keep the decoded rows alive until the
+        # garbage collector runs.
+        return self._sliced_from if self._sliced_from is not None else self
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((1, self._stop, self._rows.pool.codec.width))
+
+    @property
+    def device(self) -> torch.device:
+        return self._new.device
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getitem__(self, key) -> "PagedRowsView":
+        """Only `view[:, :n]`: the first n rows, as a view."""
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], slice) and key[1].start in (None, 0) and key[1].step in (None, 1)):
+            raise IndexError(f"a PagedRowsView takes [:, :n] only, got {key!r}")
+        stop = len(range(self._stop)[key[1]])
+        return PagedRowsView(self._rows, self._new, stop, self._root)
+
+    def dense(self) -> torch.Tensor:
+        """Every row, decoded: [1, n, width] (what `PagedRows.with_appended` gives when not lazy)."""
+        root = self._root
+        if root._all is None:
+            stored = self._rows.pool.read(self._rows.pages, 0, self._stored)[None].to(self.dtype)
+            root._all = torch.cat((stored, self._new), dim=1)
+        return root._all[:, : self._stop]
+
+    def gather_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices [1, q, k] (0 <= i < n) -> rows [1, q, k, width], as `indexer.gather_rows` of the
+        dense tensor. When there are at least as many indices as rows (a prefill block), it decodes
+        every row once instead."""
+        if indices.size(0) != 1:
+            raise ValueError(f"a PagedRowsView holds one sequence, got indices {tuple(indices.shape)}")
+        ids = indices.reshape(-1)
+        if self._root._all is not None or ids.numel() >= self._stop:
+            rows = self.dense()[0].index_select(0, ids)
+        else:
+            rows = self._decode(ids)
+        return rows.view(*indices.shape, rows.size(-1))
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [n]: stored ones decoded from the pool, the rest taken from the new rows."""
+        pool, pages = self._rows.pool, self._rows.pages
+        stored = ids < self._stored
+        if bool(stored.all()):
+            return pool.read_at(pages, ids).to(self.dtype)
+        rows = self._new.new_empty(ids.numel(), self._new.size(-1))
+        rows[stored] = pool.read_at(pages, ids[stored]).to(self.dtype)
+        rows[~stored] = self._new[0].index_select(0, ids[~stored] - self._stored)
+        return rows
+
+
 class PagedLayerState(StreamingState):
     """One sequence's state of one layer, as views onto the cache's pools.
 
@@ -238,7 +326,8 @@ class PagedLayerState(StreamingState):
             self._window_pool = cache.pools["window"]
             self._window_pages = [self._window_pool.take()]
         if layer.compressor is not None:
-            self.compressed = PagedRows(cache.pools["compressed_kv"], dtype)
+            # CSA attends to top-k entries per query: read only those (HCA reads them all).
+            self.compressed = PagedRows(cache.pools["compressed_kv"], dtype, lazy=layer.kind == "csa")
             self._add_tail("compressor", layer.compressor)
         if layer.indexer is not None:
             self.index_keys = PagedRows(cache.pools["indexer_keys"], dtype)

@@ -66,7 +66,12 @@ def gathered_index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.T
 
 
 def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """rows [b, t, d], indices [b, q, k] (>= 0) -> [b, q, k, d]."""
+    """rows [b, t, d], indices [b, q, k] (>= 0) -> [b, q, k, d].
+
+    rows may also be a lazy rows object (`cache.PagedRowsView`), which gathers (and decodes) the
+    chosen rows itself."""
+    if not isinstance(rows, torch.Tensor):
+        return rows.gather_rows(indices)
     b, q, k = indices.shape
     # index_select copies whole rows (much faster on CPU than gather with an expanded index)
     if b == 1:

@@ -1,11 +1,26 @@
-"""The paged cache: real FP8 / FP4 bytes equal the fake-quant path, pools, accounting, refusals."""
+"""The paged cache: real FP8 / FP4 bytes equal the fake-quant path, pools, accounting, refusals,
+and CSA decode reading only the entries it attends to."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
 
 import pytest
 import torch
 from conftest import assert_close
 
-from hybrid_attention import AttentionConfig, HybridTransformer, ModelConfig
-from hybrid_attention.cache import CacheFullError, Fp4Codec, Fp8KVCodec, PagedKVCache, PlainCodec
+from hybrid_attention import AttentionConfig, HybridAttention, HybridTransformer, ModelConfig
+from hybrid_attention.cache import (
+    CacheFullError,
+    Fp4Codec,
+    Fp8KVCodec,
+    PagedKVCache,
+    PagedRows,
+    PagedRowsView,
+    PlainCodec,
+    Pool,
+)
+from hybrid_attention.indexer import gather_rows
 from hybrid_attention.planner import kv_cache_bytes_by_type
 from hybrid_attention.quant import fake_quant_fp4, fake_quant_nope_fp8
 
@@ -108,3 +123,101 @@ def test_small_model_cache_at_128k_is_below_an_eighth_of_full_attention():
     ratio = (sum(kv_cache_bytes_by_type(hybrid, 131072).values())
              / sum(kv_cache_bytes_by_type(full, 131072).values()))
     assert ratio < 1 / 8
+
+
+# CSA decode reads only its top-k compressed entries -----------------------------------------
+
+
+def test_paged_rows_view_equals_the_dense_rows():
+    torch.manual_seed(0)
+    codec = Fp8KVCodec(128, 64, torch.bfloat16)
+    rows = PagedRows(Pool("compressed_kv", codec, 8, 8), torch.bfloat16, lazy=True)
+    rows.append(fake_quant_nope_fp8(torch.randn(1, 29, 128), 64).to(torch.bfloat16))
+    new = fake_quant_nope_fp8(torch.randn(1, 3, 128), 64).to(torch.bfloat16)
+    view = rows.with_appended(new)
+    dense = torch.cat((rows.view(), new), dim=1)
+    assert isinstance(view, PagedRowsView) and view.shape == (1, 32, 128) and view.size(1) == 32
+    assert torch.equal(view.dense(), dense)
+    narrow = view[:, :30]
+    assert narrow.size(1) == 30 and torch.equal(narrow.dense(), dense[:, :30])
+    # stored rows only, stored and new rows mixed, and more indices than rows (decodes them all)
+    for picks in ([[3, 28, 0, 9]], [[31, 2, 29, 30], [8, 7, 30, 1]], [list(range(32)) * 2]):
+        picks = torch.tensor([picks])
+        fresh = rows.with_appended(new)
+        assert torch.equal(gather_rows(fresh, picks), gather_rows(dense, picks))
+    with pytest.raises(IndexError, match=r"\[:, :n\] only"):
+        view[:, 2:5]
+    assert torch.equal(PagedRows(rows.pool, torch.bfloat16).with_appended(new), new)  # not lazy: a tensor
+
+
+class CountingCodec:
+    """A pool's codec that counts the rows it decodes."""
+
+    def __init__(self, codec) -> None:
+        self.codec, self.decoded = codec, 0
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def decode(self, data: torch.Tensor) -> torch.Tensor:
+        self.decoded += data.size(0)
+        return self.codec.decode(data)
+
+
+def paged_csa_layer(prompt: int, backend: str = "auto"):
+    """A tiny FP8 / bf16 model's CSA layer, and two paged sequences holding the same `prompt` tokens."""
+    model = tiny_model("official", torch.bfloat16)
+    layer = model.layers[0].attn
+    assert layer.kind == "csa"
+    if backend != "auto":
+        layer = HybridAttention(layer.cfg, layer.layer_id, torch.bfloat16, backend).eval()
+        layer.load_state_dict(model.layers[0].attn.state_dict())
+    cache = PagedKVCache(model, 8 << 20, max_sequences=2, page_entries=8)
+    states = []
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        seq = cache.allocate(prompt + 8)
+        with torch.no_grad():
+            model(tokens, cache.states(seq))
+        states.append(cache.states(seq)[0])
+    return layer, cache, states
+
+
+def test_csa_decode_on_lazy_rows_equals_the_dense_rows(monkeypatch):
+    layer, _, (lazy, dense) = paged_csa_layer(90)
+    dense.compressed.lazy = False  # the whole history decoded, as before
+    assert lazy.compressed.lazy and lazy.compressed.length == 22 > layer.cfg.index_topk
+    picked = []  # the largest entry each step gathers, and the entries stored before it
+    real = PagedRowsView.gather_rows
+    monkeypatch.setattr(PagedRowsView, "gather_rows", lambda view, indices: picked.append(
+        (int(indices.max()), lazy.compressed.length)) or real(view, indices))
+    x = torch.randn(1, 8, layer.cfg.dim, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        for t in range(8):
+            assert torch.equal(layer(x[:, t:t + 1], lazy), layer(x[:, t:t + 1], dense)), t
+    assert len(picked) == 8
+    assert any(last >= stored for last, stored in picked), "no step picked the entry it added"
+
+
+def test_csa_decode_decodes_only_the_picked_entries():
+    layer, cache, (lazy, dense) = paged_csa_layer(200)
+    pool = cache.pools["compressed_kv"]
+    pool.codec = spy = CountingCodec(pool.codec)
+    x = torch.randn(1, 1, layer.cfg.dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x, lazy)
+        lazy_decoded, spy.decoded = spy.decoded, 0
+        dense.compressed.lazy = False
+        assert torch.equal(layer(x, dense), out)
+    assert lazy.compressed.length == 50  # entries in the history, 4 of them attended to
+    assert 0 < lazy_decoded <= layer.cfg.index_topk
+    assert spy.decoded == 50  # the dense path decodes the whole history
+
+
+def test_kernel_path_decodes_on_lazy_rows():
+    """The Triton path (here under its interpreter) takes the compressed entries as one buffer."""
+    layer, _, (lazy, dense) = paged_csa_layer(40, backend="triton")
+    dense.compressed.lazy = False
+    x = torch.randn(1, 1, layer.cfg.dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x, lazy), layer(x, dense))
