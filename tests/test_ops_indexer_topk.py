@@ -114,6 +114,24 @@ def test_reference_ties_against_the_indexer_selection(s, n_keys, k, tile, levels
     assert torch.equal(got.long(), expected)
 
 
+@pytest.mark.parametrize("b", [1, 2])
+def test_reference_tiles_inside_one_top_k_group(b, monkeypatch):
+    """Small tiles share one top-k call; the columns a tile never writes (past its queries' last
+    visible entry) hold garbage (NaN here) and must stay hidden."""
+    from hybrid_attention.ops.indexer_topk import reference
+
+    monkeypatch.setattr(reference, "SCORE_TILE", 64)  # tiles of MIN_TILE_QUERIES = 8 queries
+    monkeypatch.setattr(reference, "TOPK_GROUP", 2000)  # several tiles per group
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    g = torch.Generator().manual_seed(8)
+    q, weights, keys = torch.randn(b, 61, 3, 32, generator=g), torch.randn(b, 61, 3, generator=g), \
+        torch.randn(b, 15, 32, generator=g)
+    visible = causal(61)
+    expected = select_entries(index_scores(q, weights, keys), visible, 5)
+    assert torch.equal(indexer_topk(q, weights, keys, 5, visible, backend="torch").long(), expected)
+
+
 def test_reference_scores_are_index_scores_bit_for_bit():
     """On arbitrary bf16 inputs the reference's in-place scores equal `indexer.index_scores`."""
     from hybrid_attention.ops.indexer_topk.reference import block_scores

@@ -28,10 +28,12 @@ from .common import EMPTY_KEY, FP4Keys, pack_scores, unpack_entries
 # stay in cache between the GEMM, the ReLU and weighting, the head sum and the top-k).
 SCORE_TILE = 1 << 21
 MIN_TILE_QUERIES = 8  # below this the GEMM gets too thin to run fast
+# Scores of the query group that shares one top-k call, [b, group, entries], in elements (16 MB).
+TOPK_GROUP = 1 << 22
 
 
 def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+                 workspace: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, n, hi, di], weights [b, n, hi], keys [b, t, di] -> fp32 [b, n, t], the values of
     `indexer.index_scores`: per-head products rounded to q.dtype, summed over heads in fp32.
 
@@ -39,14 +41,16 @@ def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
     in order, in fp32 (a bf16 sum accumulates in fp32 and rounds once), so the values are bit for
     bit those of the per-head loop. `workspace`: a flat q.dtype buffer of at least b*n*hi*t
     elements for the per-head products, reused across tiles (fresh large buffers cost page faults
-    on CPU)."""
+    on CPU). `out`: an fp32 [b, n, t] tensor (or view) to write the scores into."""
     b, n, hi, di = q.shape
     t = keys.size(1)
-    out = None if workspace is None else workspace[: b * n * hi * t].view(b, n * hi, t)
-    per_head = torch.matmul(q.reshape(b, n * hi, di), keys.transpose(1, 2), out=out).view(b, n, hi, t)
-    per_head.clamp_min_(0).mul_(weights[..., None])  # relu, weight, in q.dtype
-    return per_head.sum(dim=2, dtype=torch.float32) if q.dtype == torch.float32 else \
-        per_head.sum(dim=2).float()
+    products = None if workspace is None else workspace[: b * n * hi * t].view(b, n * hi, t)
+    per_head = torch.matmul(q.reshape(b, n * hi, di), keys.transpose(1, 2), out=products)
+    per_head = per_head.view(b, n, hi, t).clamp_min_(0).mul_(weights[..., None])  # relu, weight
+    if q.dtype != torch.float32:
+        total = per_head.sum(dim=2).float()  # a bf16 sum: fp32 accumulation, rounded once
+        return total if out is None else out.copy_(total)
+    return per_head.sum(dim=2) if out is None else torch.sum(per_head, dim=2, out=out)
 
 
 def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,15 +90,25 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     picks = torch.full((b, s, k), -1, dtype=torch.int32, device=q.device)
     if k == 0 or s == 0:
         return picks
-    tile = query_block or max(MIN_TILE_QUERIES, SCORE_TILE // max(1, b * q.size(2) * keys.size(1)))
-    workspace = q.new_empty(b * min(tile, s) * q.size(2) * keys.size(1))
-    for start in range(0, s, tile):
-        seen = visible[:, start:start + tile].long()  # [b, n]
-        n_cols = int(seen.max())  # no query of the tile sees past this entry
+    n_keys = keys.size(1)
+    tile = query_block or max(MIN_TILE_QUERIES, SCORE_TILE // max(1, b * q.size(2) * n_keys))
+    # A group of tiles shares one top-k call (fewer, larger calls); its scores fit TOPK_GROUP.
+    group = query_block or tile * max(1, TOPK_GROUP // max(1, b * tile * n_keys))
+    workspace = q.new_empty(b * min(tile, s) * q.size(2) * n_keys)
+    for g in range(0, s, group):
+        seen = visible[:, g:g + group].long()  # [b, n]
+        n_cols = int(seen.max())  # no query of the group sees past this entry
         if n_cols == 0:
             continue
-        scores = block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, :n_cols],
-                              workspace)
-        width = min(k, n_cols)
-        picks[:, start:start + tile, :width] = top_entries(scores, seen, width)
+        # Rows of a tile are written up to the tile's own last visible entry; the rest stay
+        # unwritten and are hidden by `top_entries`, since no query of that tile sees them.
+        scores = torch.empty(b, seen.size(1), n_cols, device=q.device)
+        for start in range(g, min(s, g + group), tile):
+            rows = slice(start - g, start - g + tile)
+            width = int(seen[:, rows].max())
+            if width:
+                block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, :width],
+                             workspace, out=scores[:, rows, :width])
+        chosen = min(k, n_cols)
+        picks[:, g:g + group, :chosen] = top_entries(scores, seen, chosen)
     return picks
