@@ -28,6 +28,17 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float |
                               f"{rel_rmse.item():.3e}, max err / RMS {max_rel.item():.3e} > {ratio}")
 
 
+def table_rows(out: str) -> dict[tuple[int, str], list[str]]:
+    """A benchmark's printed table rows keyed by (length, kind); kind "dense SDPA" is two words."""
+    table = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].isdigit():
+            kind = "dense SDPA" if cells[1] == "dense" else cells[1]
+            table[(int(cells[0]), kind)] = cells
+    return table
+
+
 @pytest.fixture
 def tiny_cfg() -> AttentionConfig:
     return AttentionConfig.preset("tiny")

@@ -11,20 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_decode  # noqa: E402
+from conftest import table_rows  # noqa: E402
 
 from hybrid_attention import HybridAttention  # noqa: E402
 from hybrid_attention.demo import KINDS, demo_config  # noqa: E402
-
-
-def rows(out: str) -> dict[tuple[int, str], list[str]]:
-    """Table rows keyed by (context, kind); kind "dense SDPA" is two words."""
-    table = {}
-    for line in out.splitlines():
-        cells = line.split()
-        if cells and cells[0].isdigit():
-            kind = "dense SDPA" if cells[1] == "dense" else cells[1]
-            table[(int(cells[0]), kind)] = cells
-    return table
 
 
 @pytest.mark.parametrize("extra", [
@@ -35,7 +25,7 @@ def rows(out: str) -> dict[tuple[int, str], list[str]]:
 def test_smoke_run_prints_a_row_per_kind(capsys, extra):
     assert bench_decode.main([*extra, "--repeats", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    table = rows(out)
+    table = table_rows(out)
     context = int(extra[extra.index("--contexts") + 1])
     kinds = KINDS if "--kinds" in extra else bench_decode.DEFAULT_KINDS
     assert set(table) == {(context, k) for k in ("dense SDPA", *kinds)}

@@ -7,18 +7,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_prefill  # noqa: E402
+from conftest import table_rows  # noqa: E402
 
 
 def test_smoke_run_prints_every_point(capsys):
     assert bench_prefill.main(["--preset", "tiny", "--lengths", "64", "200", "--repeats", "2",
                                "--no-progress"]) == 0
     out = capsys.readouterr().out
-    table = {}
-    for line in out.splitlines():
-        cells = line.split()
-        if cells and cells[0].isdigit():
-            kind = "dense SDPA" if cells[1] == "dense" else cells[1]
-            table[(int(cells[0]), kind)] = cells
+    table = table_rows(out)
     kinds = ("dense SDPA", "window", "csa", "hca", "full")
     assert set(table) == {(n, k) for n in (64, 200) for k in kinds}
     for (n, kind), cells in table.items():
