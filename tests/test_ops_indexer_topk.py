@@ -114,6 +114,39 @@ def test_reference_ties_against_the_indexer_selection(s, n_keys, k, tile, levels
     assert torch.equal(got.long(), expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), k=st.integers(1, 9), width=st.integers(20, 60), levels=st.integers(1, 50),
+       hidden=st.floats(0, 1), seed=st.integers(0, 999))
+def test_best_values_are_those_of_topk(rows, k, width, levels, hidden, seed):
+    """The chunk-narrowed top-k (rows of 20k to 60k columns: both chunk sizes and the plain
+    fallback) returns the values of `torch.topk`, with ids that hold them, each id once; scores
+    drawn from few levels (ties across chunks) and partly -inf (hidden entries)."""
+    from hybrid_attention.ops.indexer_topk.reference import best_values
+
+    g = torch.Generator().manual_seed(seed)
+    t = width * k
+    scores = torch.randint(0, levels, (rows, t), generator=g).float()
+    scores[torch.rand(rows, t, generator=g) < hidden] = float("-inf")
+    values, ids = best_values(scores, k)
+    assert torch.equal(values.sort(dim=-1).values, scores.topk(k, dim=-1).values.sort(dim=-1).values)
+    assert torch.equal(scores.gather(-1, ids), values)
+    assert (ids.sort(dim=-1).values.diff(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_reference_selection_on_long_rows(b):
+    """Rows long enough for `best_values`' chunks (and not a multiple of them), with many ties:
+    the reference still picks the indexer's set."""
+    g = torch.Generator().manual_seed(11)
+    s, n_keys, k = 40, 331, 6
+    q = torch.ones(b, s, 1, 32)
+    keys = (torch.randint(0, 7, (b, n_keys, 1), generator=g).float() / 32).expand(b, n_keys, 32)
+    weights = torch.randint(-2, 3, (b, s, 1), generator=g).float()
+    visible = torch.randint(0, n_keys + 1, (s,), generator=g)
+    expected = select_entries(index_scores(q, weights, keys), visible, k)
+    assert torch.equal(indexer_topk(q, weights, keys, k, visible, backend="torch").long(), expected)
+
+
 @pytest.mark.parametrize("b", [1, 2])
 def test_reference_tiles_inside_one_top_k_group(b, monkeypatch):
     """Small tiles share one top-k call; the columns a tile never writes (past its queries' last

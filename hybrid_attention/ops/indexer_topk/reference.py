@@ -53,6 +53,29 @@ def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
     return per_head.sum(dim=2) if out is None else torch.sum(per_head, dim=2, out=out)
 
 
+def best_values(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of scores [.., t] and their ids, in no order; ties at the
+    k-th value are resolved arbitrarily (as by `torch.topk`, whose contract this is).
+
+    Long rows are narrowed first: split into chunks of CHUNK columns, only the k chunks with the
+    largest maxima can hold a value above the k-th largest chunk maximum, which is at most the
+    row's k-th value (those k maxima are k values >= it). So the top-k of those chunks' columns
+    has the row's top-k values. torch.topk costs a few ns per column; the chunk maxima cost a
+    fraction of that, and the second top-k sees k * CHUNK columns instead of t."""
+    t = scores.size(-1)
+    chunk = 8 if t >= 40 * k else 4
+    if t < 24 * k or t % chunk or not scores.is_contiguous():
+        return scores.topk(k, dim=-1, sorted=False)
+    rows, n_chunks = scores.reshape(-1, t), t // chunk
+    maxima = rows.view(-1, n_chunks, chunk).amax(dim=-1)  # [r, n_chunks]
+    chunks = maxima.topk(k, dim=-1, sorted=False).indices  # [r, k]
+    first = torch.arange(rows.size(0), device=scores.device)[:, None] * n_chunks
+    columns = rows.view(-1, chunk).index_select(0, (chunks + first).view(-1)).view(-1, k * chunk)
+    values, at = columns.topk(k, dim=-1, sorted=False)
+    ids = chunks.gather(-1, at // chunk) * chunk + at % chunk
+    return values.view(*scores.shape[:-1], k), ids.view(*scores.shape[:-1], k)
+
+
 def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
     """fp32 scores [b, n, t], seen [b, n] (entries each query may see, <= t), k <= t -> int64 ids
     [b, n, k] of the k best visible entries, ties to the lower id, ascending, -1 past `seen`.
@@ -67,7 +90,7 @@ def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tenso
         ids, tied = entry.expand(*scores.shape[:-1], k), torch.zeros_like(few)
     else:
         # The k + 1 best: the set of k is unambiguous when the (k+1)-th is below the k-th.
-        values, ids = scores.topk(k + 1, dim=-1, sorted=False)
+        values, ids = best_values(scores, k + 1)
         order = values.argsort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order[..., :k]).sort(dim=-1).values
         last_two = values.gather(-1, order[..., k - 1:])  # the k-th and (k+1)-th values
@@ -102,7 +125,8 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
             continue
         # Rows of a tile are written up to the tile's own last visible entry; the rest stay
         # unwritten and are hidden by `top_entries`, since no query of that tile sees them.
-        scores = torch.empty(b, seen.size(1), n_cols, device=q.device)
+        # Columns padded to a multiple of 8 (hidden like the rest) for `best_values`' chunks.
+        scores = torch.empty(b, seen.size(1), -(-n_cols // 8) * 8, device=q.device)
         for start in range(g, min(s, g + group), tile):
             rows = slice(start - g, start - g + tile)
             width = int(seen[:, rows].max())
