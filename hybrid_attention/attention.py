@@ -197,6 +197,17 @@ class HybridAttention(nn.Module):
         z = torch.einsum("bsgk,grk->bsgr", grouped, wo_a)  # [b, s, g, rank]
         return self.wo_b(z.flatten(2))
 
+    @staticmethod
+    def _write_block(y: torch.Tensor | None, out: torch.Tensor, a: int, s: int) -> torch.Tensor:
+        """Queries [a, a + n) of the [b, s, dim] output: written in place (no concatenation of
+        the blocks at the end, which would hold the output twice)."""
+        if out.size(1) == s:
+            return out
+        if y is None:
+            y = out.new_empty(out.size(0), s, out.size(2))
+        y[:, a:a + out.size(1)] = out
+        return y
+
     def _block_size(self, n_keys: int, gathered: int = 0) -> int:
         """Queries per block: the config's size, shrunk so that the block's scores (n_keys per
         query and head) and gathered rows (`gathered` per query) stay within their budgets."""
@@ -232,7 +243,7 @@ class HybridAttention(nn.Module):
             n_keys = win + n_entries
             fused = False
         block = self._block_size(n_keys, gathered)
-        outputs, losses, attended = [], [], 0.0
+        y, losses, attended = None, [], 0.0
         for a in range(0, s, block):
             e = min(s, a + block)
             pos = positions[a:e]
@@ -251,8 +262,7 @@ class HybridAttention(nn.Module):
                 if loss is not None:
                     losses.append(loss)
             o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
-            outputs.append(self._output(o))
-        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            y = self._write_block(y, self._output(o), a, s)
         aux = {"attended_keys": attended / (b * s)}
         if return_aux:
             aux["indexer_loss"] = _mean_loss(losses, qr)
@@ -339,7 +349,7 @@ class HybridAttention(nn.Module):
         n_keys = win + (min(n_entries, self.cfg.index_topk) if self.kind == "csa" else n_entries)
         block = self._block_size(n_keys)
         steps = torch.arange(win, device=qr.device)
-        outputs = []
+        y = None
         for a in range(0, s, block):
             e = min(s, a + block)
             pos = positions[a:e]
@@ -361,8 +371,7 @@ class HybridAttention(nn.Module):
             indices = torch.cat(lists, dim=-1).to(torch.int32)
             o = sparse_attention(q, buffer, self.attn_sink, indices, self.scale, backend=backend)
             o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
-            outputs.append(self._output(o))
-        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            y = self._write_block(y, self._output(o), a, s)
         return y, {}  # aux is only asked for with return_aux, which takes the torch path
 
     def _full_attention_fused(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:

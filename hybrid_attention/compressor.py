@@ -41,17 +41,25 @@ class CompressorState:
 
 def pool_blocks(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """Softmax over the slot axis (-2) per feature, then the weighted sum: [.., slots, d] -> [.., d]."""
-    return (score.softmax(dim=-2) * kv).sum(dim=-2)
+    weights = score.softmax(dim=-2)
+    if torch.is_grad_enabled() and (kv.requires_grad or score.requires_grad):
+        return (weights * kv).sum(dim=-2)  # autograd keeps the softmax output for its backward
+    return weights.mul_(kv).sum(dim=-2)  # same values, one full-size temporary fewer
 
 
 def overlap_slots(blocks: torch.Tensor, previous: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[b, n, r, 2d] blocks and the block before the first [b, r, 2d] -> [b, n, 2r, d] slots.
 
     Entry i uses features [0, d) of block i-1 (its "previous" half) followed by features [d, 2d)
-    of block i (its "current" half), SPEC 5.2.
+    of block i (its "current" half), SPEC 5.2. Written into one new tensor (no concatenations:
+    at prefill these are full-sequence copies).
     """
-    before = torch.cat((previous[:, None], blocks), dim=1)[:, : blocks.size(1)]
-    return torch.cat((before[..., :head_dim], blocks[..., head_dim:]), dim=2)
+    b, n, r, _ = blocks.shape
+    slots = blocks.new_empty(b, n, 2 * r, head_dim, dtype=torch.promote_types(blocks.dtype, previous.dtype))
+    slots[:, :1, :r] = previous[:, None, :, :head_dim]
+    slots[:, 1:, :r] = blocks[:, :-1, :, :head_dim]
+    slots[:, :, r:] = blocks[..., head_dim:]
+    return slots
 
 
 class Compressor(nn.Module):
@@ -88,13 +96,14 @@ class Compressor(nn.Module):
         xf = x.float()
         kv = nn.functional.linear(xf, self.wkv.weight.float())  # [b, s, c*d]
         slot = torch.arange(start_pos, start_pos + s, device=x.device) % r
-        score = nn.functional.linear(xf, self.wgate.weight.float()) + self.ape.float()[slot]
+        score = nn.functional.linear(xf, self.wgate.weight.float()).add_(self.ape.float()[slot])
 
         # Rows from the start of the unfinished block, then the new ones.
         filled = start_pos % r
         first = r if self.overlap else 0
-        kv = torch.cat((state.kv[:, first:first + filled], kv), dim=1)
-        score = torch.cat((state.score[:, first:first + filled], score), dim=1)
+        if filled:
+            kv = torch.cat((state.kv[:, first:first + filled], kv), dim=1)
+            score = torch.cat((state.score[:, first:first + filled], score), dim=1)
         n = kv.size(1) // r
         cut = n * r
         blocks_kv = kv[:, :cut].unflatten(1, (n, r))  # [b, n, r, c*d]
