@@ -20,6 +20,9 @@ from .modules import RMSNorm
 from .quant import fake_quant_fp4, fake_quant_nope_fp8, hadamard_rotate
 from .rope import apply_rope
 
+# Tokens pooled per step of a long chunk (rounded down to whole blocks): 4 MB per fp32 temporary.
+CHUNK_TOKENS = 4096
+
 
 @dataclass
 class CompressorState:
@@ -90,8 +93,27 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, freqs: torch.Tensor,
                 quant: str) -> tuple[torch.Tensor, CompressorState]:
         """Feed tokens x [b, s, dim] at positions start_pos.. ; return the entries their arrival
-        completes [b, n, d] (in x.dtype, post-processed) and the next state. `state` is not changed."""
-        b, s, _ = x.shape
+        completes [b, n, d] (in x.dtype, post-processed) and the next state. `state` is not changed.
+
+        A long chunk is pooled CHUNK_TOKENS at a time (pieces cut at block boundaries, the state
+        carried between them), so the fp32 projections and slots stay cache-sized."""
+        r = self.ratio
+        filled = start_pos % r
+        step = max(1, CHUNK_TOKENS // r) * r
+        pooled, a = [], 0
+        for e in [*range(step - filled, x.size(1), step), x.size(1)]:
+            piece, state = self._pool(x[:, a:e], start_pos + a, state)
+            pooled.append(piece)
+            a = e
+        pooled = torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]  # [b, n, d] fp32
+        first_entry = (start_pos - filled) // r
+        positions = (first_entry + torch.arange(pooled.size(1), device=x.device)) * r  # entry i sits at i*r
+        return self._finish(pooled.to(x.dtype), positions, freqs, quant), state
+
+    def _pool(self, x: torch.Tensor, start_pos: int, state: CompressorState
+              ) -> tuple[torch.Tensor, CompressorState]:
+        """The entries x [b, s, dim] completes, pooled (fp32, before `_finish`), and the next state."""
+        s = x.size(1)
         r, d = self.ratio, self.head_dim
         xf = x.float()
         kv = nn.functional.linear(xf, self.wkv.weight.float())  # [b, s, c*d]
@@ -114,11 +136,7 @@ class Compressor(nn.Module):
         else:
             slots_kv, slots_score = blocks_kv, blocks_score
         pooled = pool_blocks(slots_kv, slots_score)  # [b, n, d] fp32
-
-        first_entry = (start_pos - filled) // r
-        positions = (first_entry + torch.arange(n, device=x.device)) * r  # entry i sits at i*r
-        entries = self._finish(pooled.to(x.dtype), positions, freqs, quant)
-        return entries, self._next_state(state, kv[:, cut:], score[:, cut:], blocks_kv, blocks_score)
+        return pooled, self._next_state(state, kv[:, cut:], score[:, cut:], blocks_kv, blocks_score)
 
     def _finish(self, entries: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
                 quant: str) -> torch.Tensor:

@@ -102,3 +102,29 @@ def test_streaming_gives_the_same_entries_bit_for_bit(ratio, overlap, cuts):
     assert streamed.shape == whole.shape == (2, s // ratio, D)
     torch.testing.assert_close(streamed, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(state.kv, whole_state.kv, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ratio=st.sampled_from([2, 4, 5]), overlap=st.booleans(), chunk_tokens=st.integers(1, 17),
+       first=st.integers(0, 9), rest=st.integers(0, 40))
+def test_long_chunks_pooled_piecewise_equal_one_piece(ratio, overlap, chunk_tokens, first, rest):
+    """A chunk is pooled CHUNK_TOKENS at a time (cut at block boundaries, state carried between
+    the pieces); entries and state match pooling it in one piece, also when the chunk starts
+    inside a block."""
+    from unittest import mock
+
+    from hybrid_attention import compressor
+
+    comp = make(ratio, overlap, seed=ratio + 1)
+    x = torch.randn(2, first + rest, DIM)
+    freqs = rope_frequencies(ROPE, 160000.0, 16.0, 64)
+    with torch.no_grad():
+        _, state = comp(x[:, :first], 0, comp.new_state(2), freqs, "official")
+        with mock.patch.object(compressor, "CHUNK_TOKENS", 1 << 30):
+            whole, whole_state = comp(x[:, first:], first, state, freqs, "official")
+        with mock.patch.object(compressor, "CHUNK_TOKENS", chunk_tokens):
+            pieces, pieces_state = comp(x[:, first:], first, state, freqs, "official")
+    assert pieces.shape == whole.shape == (2, (first + rest) // ratio - first // ratio, D)
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pieces_state.kv, whole_state.kv, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pieces_state.score, whole_state.score, atol=1e-6, rtol=1e-6)
