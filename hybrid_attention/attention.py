@@ -316,7 +316,7 @@ class HybridAttention(nn.Module):
                     picks = indexer_topk(qi, head_weights, block_keys,
                                          min(self.cfg.index_topk, n_visible), visible).long()
                 rows = gather_rows(entries, picks.clamp_min(0))  # [b, n, k, d]
-                z = torch.einsum("bqhd,bqkd->bqhk", q_blk, rows.float())
+                z = q_blk @ rows.float().transpose(-1, -2)  # [b, n, h, k]; bmm beats einsum here
                 scores.append(z.masked_fill_((picks < 0)[:, :, None], float("-inf")))
                 values.append(("gathered", rows))
                 attended += float((picks >= 0).sum())
