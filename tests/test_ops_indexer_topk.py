@@ -149,11 +149,13 @@ def test_reference_selection_on_long_rows(b):
 
 @pytest.mark.parametrize("b", [1, 2])
 def test_reference_tiles_inside_one_top_k_group(b, monkeypatch):
-    """Small tiles share one top-k call; the columns a tile never writes (past its queries' last
-    visible entry) hold garbage (NaN here) and must stay hidden."""
+    """Small tiles share one top-k call and meet their keys in chunks; the columns a tile never
+    writes (past its queries' last visible entry) hold garbage (NaN here) and must stay hidden."""
     from hybrid_attention.ops.indexer_topk import reference
 
-    monkeypatch.setattr(reference, "SCORE_TILE", 64)  # tiles of MIN_TILE_QUERIES = 8 queries
+    monkeypatch.setattr(reference, "QUERY_TILE", 8 * b)  # tiles of 8 queries
+    monkeypatch.setattr(reference, "MIN_KEY_CHUNK", 4)
+    monkeypatch.setattr(reference, "SCORE_TILE", b * 8 * 3 * 4)  # keys in chunks of 4
     monkeypatch.setattr(reference, "TOPK_GROUP", 2000)  # several tiles per group
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
