@@ -57,6 +57,32 @@ def test_query_blocks_do_not_change_the_result(kind):
         assert_close(kind, layer(x), blocked(x))
 
 
+def test_csa_sub_blocks_do_not_change_the_result(monkeypatch):
+    """A CSA block's attention runs in sub-blocks of gathered rows (GATHER_BUDGET); the output,
+    the indexer loss and the gradients must not depend on where they are cut."""
+    from hybrid_attention import attention
+
+    layer = LAYERS["csa"]
+    x = torch.randn(2, 40, TINY.dim)
+
+    def run():
+        x_ = x.clone().requires_grad_()
+        y, aux = layer(x_, return_aux=True)
+        (y.square().mean() + aux["indexer_loss"]).backward()
+        return y.detach(), aux["indexer_loss"].detach(), x_.grad
+
+    whole = run()
+    layer.zero_grad()
+    # 3 queries per sub-block: [block 16] -> 3 + 3 + 3 + 3 + 3 + 1
+    monkeypatch.setattr(attention, "GATHER_BUDGET", 3 * TINY.index_topk * TINY.head_dim)
+    assert layer._block_size(TINY.window_size + TINY.index_topk, TINY.index_topk) == 3
+    split = run()
+    for name, a, b in zip(("y", "indexer loss", "x.grad"), whole, split, strict=True):
+        assert_close(name, a, b)
+    with torch.no_grad():
+        assert_close("no_grad", whole[0], layer(x))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_causality(kind):
     layer = LAYERS[kind]
