@@ -95,10 +95,10 @@ def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tenso
     else:
         # The k + 1 best: the set of k is unambiguous when the (k+1)-th is below the k-th.
         values, ids = best_values(scores, k + 1)
-        order = values.argsort(dim=-1, descending=True, stable=True)
-        ids = ids.gather(-1, order[..., :k]).sort(dim=-1).values
-        last_two = values.gather(-1, order[..., k - 1:])  # the k-th and (k+1)-th values
-        tied = (last_two[..., 0] == last_two[..., 1]) & ~few
+        last = values.argmin(dim=-1, keepdim=True)  # the (k+1)-th (one of them, if tied)
+        kth = values.scatter(-1, last, float("inf")).amin(dim=-1)
+        tied = (kth == values.gather(-1, last)[..., 0]) & ~few
+        ids = ids.scatter_(-1, last, t).sort(dim=-1).values[..., :k]  # id t sorts last: dropped
     if few.any():
         ids = torch.where(few[..., None], entry[:k], ids)
     if tied.any():  # redo with packed (score, id) keys, which break ties to the lower id
