@@ -71,8 +71,11 @@ def run_side(tree: Path, args: argparse.Namespace) -> list[float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+    found = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", args.base + "^{commit}"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if found.returncode:
+        raise SystemExit(f"ab_prefill.py: --base {args.base!r} is not a commit of {ROOT}")
+    base_rev = found.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="ab_prefill_") as tmp:
         base_tree = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base_tree), base_rev], cwd=ROOT,
