@@ -318,12 +318,11 @@ class HybridAttention(nn.Module):
         block_keys = visible = None
         if compressed is not None:
             visible = visible_entries(pos, self.ratio)  # [n]
-            # No query of the block sees past its last query's entries: skip the rest.
-            n_visible = int(visible[-1])
-            entries = compressed[:, :n_visible]
-            block_keys = index_keys[:, :n_visible] if index_keys is not None else None
             if self.kind == "hca" or dense_csa:
-                entries = _dense(entries)
+                # No query of the block sees past its last query's entries: skip the rest.
+                n_visible = int(visible[-1])
+                entries = _dense(compressed[:, :n_visible])
+                block_keys = index_keys[:, :n_visible] if index_keys is not None else None
                 z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float())
                 lo = int(visible[0])  # every query of the block sees the entries before this one
                 hidden = torch.arange(lo, n_visible, device=q.device) >= visible[:, None]
