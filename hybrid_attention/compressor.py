@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modules import RMSNorm
+from .modules import RMSNorm, linear
 from .quant import fake_quant_fp4, fake_quant_nope_fp8, hadamard_rotate
 from .rope import apply_rope
 
@@ -116,9 +116,9 @@ class Compressor(nn.Module):
         s = x.size(1)
         r, d = self.ratio, self.head_dim
         xf = x.float()
-        kv = nn.functional.linear(xf, self.wkv.weight.float())  # [b, s, c*d]
+        kv = linear(xf, self.wkv.weight.float())  # [b, s, c*d]
         slot = torch.arange(start_pos, start_pos + s, device=x.device) % r
-        score = nn.functional.linear(xf, self.wgate.weight.float()).add_(self.ape.float()[slot])
+        score = linear(xf, self.wgate.weight.float()).add_(self.ape.float()[slot])
 
         # Rows from the start of the unfinished block, then the new ones.
         filled = start_pos % r

@@ -12,7 +12,7 @@ from torch import nn
 
 from .compressor import Compressor
 from .config import AttentionConfig
-from .modules import Linear
+from .modules import Linear, linear
 from .quant import fake_quant_fp4, hadamard_rotate
 from .rope import apply_rope
 
@@ -42,7 +42,7 @@ class Indexer(nn.Module):
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, dim] -> per-head weights [b, s, hi], scaled by (di * hi)^-1/2."""
         scale = self.head_dim**-0.5 * self.n_heads**-0.5
-        return self.weights_proj(x) * scale
+        return linear(x, self.weights_proj.weight) * scale
 
 
 def index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
