@@ -12,7 +12,7 @@ from torch import nn
 
 from .attention import HybridAttention
 from .config import ModelConfig
-from .modules import RMSNorm
+from .modules import RMSNorm, linear
 from .state import LayerState
 
 
@@ -24,7 +24,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        hidden = nn.functional.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight)
+        return linear(hidden, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -76,7 +77,7 @@ class HybridTransformer(nn.Module):
                 losses.append(aux["indexer_loss"])
             else:
                 x = block(x, state)
-        logits = self.head(self.norm(x)).float()
+        logits = linear(self.norm(x), self.head.weight).float()
         if return_aux:
             return logits, {"indexer_loss": torch.stack(losses).sum()}
         return logits
