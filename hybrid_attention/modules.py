@@ -48,12 +48,14 @@ _HAS_ONEDNN_LINEAR = _has_onednn_linear()
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [.., in] @ weight [out, in]^T, no bias: `nn.functional.linear`, except for fp32 inference
-    on the CPU, which runs on oneDNN's GEMM. Same fp32 arithmetic (the order of the additions, so
-    the last bits, differ); on the Zen 4 machines of benchmarks/RESULTS.md it is 10-40% faster
-    than the default BLAS at the layer's shapes, and no slower at one row. Anything that autograd
+    on the CPU with at least two rows, which runs on oneDNN's GEMM. Same fp32 arithmetic (the
+    order of the additions, so the last bits, differ); on the Zen 4 machines of
+    benchmarks/RESULTS.md it is 10-40% faster than the default BLAS at the layer's shapes. A single
+    row (a decode step) was about 5% slower on it, so it stays on the BLAS. Anything that autograd
     tracks, other dtypes and devices, and `torch.backends.mkldnn.enabled = False` take
     `nn.functional.linear`."""
-    if (_HAS_ONEDNN_LINEAR and x.dtype == weight.dtype == torch.float32
+    rows = x.numel() // max(x.size(-1), 1)
+    if (_HAS_ONEDNN_LINEAR and rows >= 2 and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):

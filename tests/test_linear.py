@@ -1,4 +1,5 @@
-"""`modules.linear`: the oneDNN GEMM for fp32 CPU inference, `nn.functional.linear` otherwise."""
+"""`modules.linear`: the oneDNN GEMM for fp32 CPU inference of two rows or more,
+`nn.functional.linear` otherwise."""
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ def test_fp32_inference_runs_on_onednn_and_matches_the_torch_linear():
     assert modules._HAS_ONEDNN_LINEAR  # the CPU build of torch that `make test` installs has it
     torch.manual_seed(0)
     weight = torch.randn(96, 256)
-    for shape in [(1, 256), (3, 7, 256), (2, 1, 5, 256), (4, 0, 256)]:
+    for shape in [(2, 256), (3, 7, 256), (2, 1, 5, 256)]:
         x = torch.randn(shape)
         with torch.no_grad():
             assert "mkldnn::_linear_pointwise" in ops_run(lambda x=x: linear(x, weight))
@@ -26,6 +27,11 @@ def test_fp32_inference_runs_on_onednn_and_matches_the_torch_linear():
         want = nn.functional.linear(x.double(), weight.double())
         assert got.shape == want.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    for shape in [(1, 256), (1, 1, 256), (4, 0, 256)]:  # one row (a decode step), no rows
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" not in ops_run(lambda x=x: linear(x, weight))
+            assert torch.equal(linear(x, weight), nn.functional.linear(x, weight))
     strided = torch.randn(6, 512)[:, ::2]  # rows that are not contiguous
     with torch.no_grad():
         torch.testing.assert_close(linear(strided, weight), nn.functional.linear(strided, weight),
