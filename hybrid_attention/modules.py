@@ -44,18 +44,21 @@ def _has_onednn_linear() -> bool:
 
 
 _HAS_ONEDNN_LINEAR = _has_onednn_linear()
+# Multiply-adds from which a call goes to oneDNN: below this its fixed cost (30-40 us a call on
+# the Zen 4 guests of benchmarks/RESULTS.md) outweighs the faster GEMM (`bench_linear.py`).
+ONEDNN_MIN_MACS = 1 << 23
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [.., in] @ weight [out, in]^T, no bias: `nn.functional.linear`, except for fp32 inference
-    on the CPU with at least two rows, which runs on oneDNN's GEMM. Same fp32 arithmetic (the
-    order of the additions, so the last bits, differ); on the Zen 4 machines of
-    benchmarks/RESULTS.md it is 10-40% faster than the default BLAS at the layer's shapes. A single
-    row (a decode step) was about 5% slower on it, so it stays on the BLAS. Anything that autograd
-    tracks, other dtypes and devices, and `torch.backends.mkldnn.enabled = False` take
+    on the CPU with at least ONEDNN_MIN_MACS multiply-adds (a prefill chunk, not a decode step),
+    which runs on oneDNN's GEMM. Same fp32 arithmetic; the order of the additions, so the last
+    bits, differ. On the Zen 4 guests of benchmarks/RESULTS.md it takes 0.7-0.85 of the time of
+    the default BLAS for the layer's projections over 32K rows. Anything that autograd tracks,
+    other dtypes and devices, and `torch.backends.mkldnn.enabled = False` take
     `nn.functional.linear`."""
-    rows = x.numel() // max(x.size(-1), 1)
-    if (_HAS_ONEDNN_LINEAR and rows >= 2 and x.dtype == weight.dtype == torch.float32
+    if (_HAS_ONEDNN_LINEAR and x.numel() * weight.size(0) >= ONEDNN_MIN_MACS
+            and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):

@@ -1,4 +1,4 @@
-"""`modules.linear`: the oneDNN GEMM for fp32 CPU inference of two rows or more,
+"""`modules.linear`: the oneDNN GEMM for fp32 CPU inference of prefill-sized calls,
 `nn.functional.linear` otherwise."""
 
 import torch
@@ -19,7 +19,8 @@ def test_fp32_inference_runs_on_onednn_and_matches_the_torch_linear():
     assert modules._HAS_ONEDNN_LINEAR  # the CPU build of torch that `make test` installs has it
     torch.manual_seed(0)
     weight = torch.randn(96, 256)
-    for shape in [(2, 256), (3, 7, 256), (2, 1, 5, 256)]:
+    rows = -(-modules.ONEDNN_MIN_MACS // (96 * 256))  # the fewest rows that take oneDNN
+    for shape in [(rows, 256), (3, rows, 256), (2, 1, rows, 256)]:
         x = torch.randn(shape)
         with torch.no_grad():
             assert "mkldnn::_linear_pointwise" in ops_run(lambda x=x: linear(x, weight))
@@ -27,7 +28,7 @@ def test_fp32_inference_runs_on_onednn_and_matches_the_torch_linear():
         want = nn.functional.linear(x.double(), weight.double())
         assert got.shape == want.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    for shape in [(1, 256), (1, 1, 256), (4, 0, 256)]:  # one row (a decode step), no rows
+    for shape in [(1, 256), (1, rows - 1, 256), (4, 0, 256)]:  # a decode step, just too few, none
         x = torch.randn(shape)
         with torch.no_grad():
             assert "mkldnn::_linear_pointwise" not in ops_run(lambda x=x: linear(x, weight))
