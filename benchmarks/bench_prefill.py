@@ -3,6 +3,7 @@
     python benchmarks/bench_prefill.py                       # 4K .. 128K, every kind
     python benchmarks/bench_prefill.py --max-dense 65536     # skip dense SDPA past 64K
     python benchmarks/bench_prefill.py --quick               # a smoke run at 1K .. 4K
+    python benchmarks/bench_prefill.py --plot prefill.png    # also draw time and speedup by length
 
 For each length, dense SDPA and then each layer kind (window, CSA, HCA, full; "small" preset, batch
 1, fp32, no_grad) run once untimed, which warms up and measures peak memory. Then `--repeats`
@@ -145,6 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = default")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+    parser.add_argument("--plot", metavar="PNG", help="also write a plot of the table (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths = list(QUICK_LENGTHS)
@@ -178,7 +180,10 @@ def main(argv=None) -> int:
           f"({peak_memory_method()}) | time: median of {args.repeats} interleaved rounds after a warm-up")
     print(format_row(("tokens", "kind", "prefill s", "vs dense", "peak MB", "vs dense", "GFLOP/s",
                       "keys/query")))
+    if args.plot:
+        import matplotlib  # noqa: F401  (fail before the long run, not after it)
     bar = progress_bar(len(points) * (1 + args.repeats), disable=args.no_progress)
+    medians = {}  # (length, kind) -> seconds
     try:
         with torch.no_grad():
             for length in args.lengths:
@@ -205,6 +210,7 @@ def main(argv=None) -> int:
                 for kind in kinds:
                     layer = layers.get(kind)
                     seconds, peak = statistics.median(times[kind]), peaks[kind]
+                    medians[length, kind] = seconds
                     ratio = f"{seconds / base_s:.2f}x" if base_s else "-"
                     mem_ratio = f"{peak / base_peak:.2f}x" if base_peak and peak is not None else "-"
                     gflops = useful_flops(kind, cfg, length, layer) / seconds / 1e9
@@ -215,7 +221,47 @@ def main(argv=None) -> int:
                 del x
     finally:
         bar.close()
+    if args.plot:
+        title = f"{cpu_name()}, {torch.get_num_threads()} threads, preset {args.preset}, fp32, batch 1"
+        plot(medians, args.plot, title)
+        print(f"# plot written to {args.plot}")
     return 0
+
+
+def plot(medians: dict[tuple[int, str], float], path: str, title: str) -> None:
+    """Prefill time by length for every kind (log-log), and each layer's speedup over dense SDPA."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    kinds = list(dict.fromkeys(kind for _, kind in medians))
+    fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind in kinds:
+        lengths = sorted(n for n, k in medians if k == kind)
+        ax_time.plot(lengths, [medians[n, kind] for n in lengths], marker="o", label=kind,
+                     color="black" if kind == DENSE else None)
+        paired = [n for n in lengths if (n, DENSE) in medians]
+        if kind != DENSE and paired:
+            ax_speed.plot(paired, [medians[n, DENSE] / medians[n, kind] for n in paired], marker="o",
+                          label=kind)
+    ax_speed.axhline(1.0, color="black", linewidth=0.8)
+    for ax, ylabel in ((ax_time, "prefill time (s)"), (ax_speed, "speedup over dense SDPA (x)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({n for n, _ in medians}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

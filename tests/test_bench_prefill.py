@@ -21,3 +21,11 @@ def test_smoke_run_prints_every_point(capsys):
         ratio = cells[4] if kind == "dense SDPA" else cells[3]
         assert ratio.endswith("x") and float(ratio[:-1]) > 0, (n, kind, cells)
     assert "median of 2 interleaved rounds" in out
+
+
+def test_plot_is_written(tmp_path, capsys):
+    png = tmp_path / "prefill.png"
+    assert bench_prefill.main(["--preset", "tiny", "--lengths", "64", "128", "--kinds", "csa",
+                               "--no-progress", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"plot written to {png}" in capsys.readouterr().out
