@@ -13,11 +13,11 @@ both; the table shows the median per call and the ratio of the medians (< 1: `li
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from bench_prefill import cpu_name
 from torch import nn
 
 from hybrid_attention.demo import demo_config, progress_bar
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
     bar.close()
 
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"# {cpu_name()} (CPU), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32, no_grad | median of {args.rounds} interleaved "
           f"rounds | ratio < 1: modules.linear is faster")
     print(f"{'rows':>6} {'projection':>15} {'in':>5} {'out':>5} {'F.linear ms':>12} "
