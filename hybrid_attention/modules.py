@@ -53,7 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [.., in] @ weight [out, in]^T, no bias: `nn.functional.linear`, except for fp32 inference
     on the CPU with at least ONEDNN_MIN_MACS multiply-adds (a prefill chunk, not a decode step),
     which runs on oneDNN's GEMM. Same fp32 arithmetic; the order of the additions, so the last
-    bits, differ. On the Zen 4 guests of benchmarks/RESULTS.md it takes 0.7-0.85 of the time of
+    bits, differ. On the Zen 4 guests of benchmarks/RESULTS.md it takes 0.6-0.85 of the time of
     the default BLAS for the layer's projections over 32K rows. Anything that autograd tracks,
     other dtypes and devices, and `torch.backends.mkldnn.enabled = False` take
     `nn.functional.linear`."""
