@@ -180,8 +180,11 @@ def main(argv=None) -> int:
           f"({peak_memory_method()}) | time: median of {args.repeats} interleaved rounds after a warm-up")
     print(format_row(("tokens", "kind", "prefill s", "vs dense", "peak MB", "vs dense", "GFLOP/s",
                       "keys/query")))
-    if args.plot:
-        import matplotlib  # noqa: F401  (fail before the long run, not after it)
+    if args.plot:  # fail before the long run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib (pip install 'hybrid-attention[plot]')") from None
     bar = progress_bar(len(points) * (1 + args.repeats), disable=args.no_progress)
     medians = {}  # (length, kind) -> seconds
     try:
