@@ -9,7 +9,7 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("hybrid_attention.demo", "run the 'small' stack (one layer per kind) beside dense SDPA"),
-    "generate": ("hybrid_attention.engine", "serve random prompts through the engine, beside a dense model"),
+    "generate": ("hybrid_attention.generate", "serve random prompts through the engine, beside a dense model"),
     "plan": ("hybrid_attention.planner", "KV-cache, FLOPs and memory calculator (hybrid, MLA, GQA)"),
 }
 
