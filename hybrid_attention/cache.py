@@ -404,18 +404,17 @@ class PagedLayerState(StreamingState):
         return out
 
     def restore(self, snapshot: dict, prefix_pages: dict[str, list[int]] | None = None) -> None:
-        """Load a snapshot into this fresh state; entries on `prefix_pages` (full pages of a
-        `Prefix`) are shared, not copied."""
+        """Load a snapshot into this fresh state. The entries on `prefix_pages` (full pages of a
+        `Prefix`) are shared, not copied; the snapshot's "rows:*" hold the entries after them."""
         self.pos = snapshot["pos"]
         if "window" in snapshot:
             self._window_pool.data[self._window_pages[0]] = snapshot["window"]
         for name, rows in self.rows().items():
-            data = snapshot["rows:" + name]
             shared = (prefix_pages or {}).get(name, [])
             rows.pages = [rows.pool.share(page) for page in shared]
             rows.shared = len(shared)
             rows.length = len(shared) * rows.pool.page_entries
-            rows.write_raw(data[rows.length:])
+            rows.write_raw(snapshot["rows:" + name])
         for name, (pool, page, _) in self._tails.items():
             pool.data[page] = snapshot["tail:" + name]
 
@@ -528,6 +527,27 @@ class PagedKVCache:
         """Whether a sequence of `max_tokens` could ever fit, with the cache otherwise empty."""
         return all(self.pools[n].n_pages >= k for n, k in self.pages_needed(max_tokens).items())
 
+    def snapshot_layout(self, tokens: int) -> list[dict[str, tuple[int, int]]]:
+        """The shape ([rows, bytes per row], uint8) of every part of `PagedLayerState.snapshot`
+        for a sequence of `tokens` tokens, per layer; what a context file must hold."""
+        layout = []
+        for layer in self.layers:
+            parts: dict[str, tuple[int, int]] = {}
+            if layer.kind == "full":
+                parts["rows:kv"] = (tokens, self.pools["full_kv"].codec.nbytes)
+            else:
+                window = self.pools["window"]
+                parts["window"] = (window.page_entries, window.codec.nbytes)
+            if layer.compressor is not None:
+                parts["rows:compressed"] = (tokens // layer.ratio, self.pools["compressed_kv"].codec.nbytes)
+                parts["tail:compressor"] = (1, self.pools[tail_pool_name(layer.compressor)].codec.nbytes)
+            if layer.indexer is not None:
+                parts["rows:index_keys"] = (tokens // layer.ratio, self.pools["indexer_keys"].codec.nbytes)
+                tail = self.pools[tail_pool_name(layer.indexer.compressor)]
+                parts["tail:index_compressor"] = (1, tail.codec.nbytes)
+            layout.append(parts)
+        return layout
+
     # Sequences ------------------------------------------------------------------------------
 
     def allocate(self, max_tokens: int, prefix: "Prefix | None" = None) -> int:
@@ -556,7 +576,10 @@ class PagedKVCache:
 
     def add_prefix(self, snapshots: list[dict]) -> "Prefix":
         """Store a processed prefix (per-layer snapshots, as `PagedLayerState.snapshot` gives)
-        once; sequences allocated with it share its full pages. Release with `drop_prefix`."""
+        once; sequences allocated with it share its full pages. Release with `drop_prefix`.
+
+        The prefix keeps only what is not on its pages (windows, tails, the rows of the last
+        partial page), so the caller can drop the snapshots and hold the payload once."""
         pools = {"kv": "full_kv", "compressed": "compressed_kv", "index_keys": "indexer_keys"}
         need: dict[str, int] = {}
         for snapshot in snapshots:
@@ -567,9 +590,9 @@ class PagedKVCache:
         short = {n: k for n, k in need.items() if self.pools[n].available() < k}
         if short:
             raise CacheFullError(f"not enough cache to hold the shared prefix ({short} pages short)")
-        pages = []
+        pages, rests = [], []
         for snapshot in snapshots:
-            layer_pages = {}
+            layer_pages, rest = {}, dict(snapshot)
             for key, data in snapshot.items():
                 if key.startswith("rows:"):
                     pool = self.pools[pools[key[5:]]]
@@ -579,8 +602,10 @@ class PagedKVCache:
                         pool.data[torch.tensor(ids, dtype=torch.long)] = \
                             data[: full * pool.page_entries].view(full, pool.page_entries, -1)
                     layer_pages[key[5:]] = ids
+                    rest[key] = data[full * pool.page_entries:].clone()
             pages.append(layer_pages)
-        return Prefix(snapshots, pages, {n: self.pools[n] for n in pools.values() if n in self.pools})
+            rests.append(rest)
+        return Prefix(rests, pages, {n: self.pools[n] for n in pools.values() if n in self.pools})
 
     def drop_prefix(self, prefix: "Prefix") -> None:
         for layer_pages in prefix.pages:

@@ -3,37 +3,48 @@
 Every step, each running request contributes one chunk: up to `prefill_chunk` prompt tokens while
 its prompt lasts, then one token per decode step. New requests join as soon as the cache can hold
 their worst case (prompt + max_new_tokens), so prefill chunks of new requests interleave with the
-decode steps of running ones. Results come back per request, in submission order; a request that
-is invalid, or can never fit the cache, gets an error result and the others carry on.
+decode steps of running ones. Results come back per request, in submission order.
+
+Requests are isolated: a request that is invalid (its tokens, its length, its sampling settings),
+can never fit the cache, or whose sampling fails, gets an error result and the others carry on.
+Each request samples from its own generator seeded with its own seed, so its tokens depend only
+on its prompt, its seed and its sampling settings, not on the other requests or its place among
+them. One engine serves one call at a time: a `generate` while a `stream` is still open (or from
+another thread) is refused with `EngineBusyError`.
 
 Context files (`save_context`) hold a processed prompt's whole cache state (every pool of every
 layer, the compressor tails, the position and the last logits) so that `generate(..., context=)`
-continues after it without recomputing the prefix.
+continues after it without recomputing the prefix. They are bound to the model that wrote them:
+its configuration, dtype and weights (see `context_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import struct
+import math
+import numbers
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import context_file
 from .cache import CacheFullError, PagedKVCache
+from .context_file import ContextFileError
 from .model import HybridTransformer, forward_ragged
 
-CONTEXT_MAGIC = b"HYBRIDCTX\n"
-CONTEXT_FORMAT_VERSION = 1
+__all__ = ["ContextFileError", "Engine", "EngineBusyError", "GenerationResult"]
+
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes up to 64 bits; keep seeds non-negative
 
 
-class ContextFileError(ValueError):
-    """A context file that cannot be used: corrupted, truncated, another model, a newer format."""
+class EngineBusyError(RuntimeError):
+    """The engine is serving another call (an open `stream`, or a call from another thread)."""
 
 
 @dataclass
@@ -55,10 +66,16 @@ class _Request:
     result: GenerationResult
     prompt: list[int]
     max_new_tokens: int
+    temperature: float
+    top_p: float
     generator: torch.Generator
     seq_id: int | None = None
     fed: int = 0  # prompt tokens already processed
     logits: torch.Tensor | None = None  # last logits, when restored from a context
+
+
+class _SamplingError(ValueError):
+    pass
 
 
 class Engine:
@@ -66,33 +83,52 @@ class Engine:
 
     cache_bytes: the memory budget of the cache; max_batch: requests running at once;
     prefill_chunk: prompt tokens a request feeds per step; max_seq_len: the longest request
-    (context + prompt + new tokens), by default the model's; share_prefix_min: prompts that all
-    start with at least this many equal tokens have that prefix processed once and shared."""
+    (context + prompt + new tokens), by default the model's; page_entries: entries per cache page;
+    share_prefix_min: prompts that all start with at least this many equal tokens have that prefix
+    processed once and shared (0 or 1: any common prefix; None: never)."""
 
     def __init__(self, model: HybridTransformer, cache_bytes: int = 256 << 20, max_batch: int = 8,
                  prefill_chunk: int = 512, max_seq_len: int | None = None, page_entries: int = 64,
-                 share_prefix_min: int = 256) -> None:
-        if prefill_chunk < 1 or max_batch < 1:
-            raise ValueError(f"prefill_chunk and max_batch must be >= 1, got {prefill_chunk}, {max_batch}")
+                 share_prefix_min: int | None = 256) -> None:
+        if not isinstance(model, HybridTransformer):
+            raise TypeError(f"model must be a HybridTransformer, got {type(model).__name__}")
+        model_limit = model.cfg.attention.max_seq_len
+        cache_bytes = _integer("cache_bytes", cache_bytes, 1)
+        max_batch = _integer("max_batch", max_batch, 1)
+        prefill_chunk = _integer("prefill_chunk", prefill_chunk, 1)
+        page_entries = _integer("page_entries", page_entries, 1)
+        if max_seq_len is not None:
+            max_seq_len = _integer("max_seq_len", max_seq_len, 2, model_limit,
+                                   f"the model's max_seq_len={model_limit}")
+        if share_prefix_min is not None:
+            share_prefix_min = _integer("share_prefix_min", share_prefix_min, 0)
         self.model = model.eval()
         self.cfg = model.cfg
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.share_prefix_min = share_prefix_min
-        self.max_seq_len = max_seq_len or self.cfg.attention.max_seq_len
-        if self.max_seq_len > self.cfg.attention.max_seq_len:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's "
-                             f"{self.cfg.attention.max_seq_len}")
+        self.max_seq_len = max_seq_len or model_limit
         self.cache = PagedKVCache(model, cache_bytes, max_sequences=max_batch, page_entries=page_entries)
+        self.last_run = {"steps": 0, "peak_running": 0}
+        self._busy = threading.Lock()
+        self._weights: tuple[tuple, str] | None = None  # (weights_version, weights_digest)
 
     # Public API -----------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
+                 temperature: float | Sequence[float] = 0.0, top_p: float | Sequence[float] = 1.0,
+                 seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = (),
                  context: str | Path | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
-        """Generate for every prompt; `on_token(request, token)` is called as each token arrives."""
+                 on_token: Callable[[int, int], None] | None = None,
+                 on_prefill: Callable[[int, int, int], None] | None = None) -> list[GenerationResult]:
+        """Generate for every prompt (each a sequence of token ids: ints, numpy integers, or a 1-D
+        integer tensor). `max_new_tokens`, `temperature`, `top_p` and `seed` are one value for all
+        requests or one per request. `on_token(request, token)` is called as each token arrives,
+        `on_prefill(request, done, total)` after each prompt chunk a request has processed."""
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be callable, got {type(on_token).__name__}")
         results = None
-        for item in self._run(prompts, max_new_tokens, temperature, top_p, seed, stop_tokens, context):
+        for item in self._run(prompts, max_new_tokens, temperature, top_p, seed, stop_tokens, context,
+                              on_prefill):
             if isinstance(item, list):
                 results = item
             elif on_token is not None:
@@ -100,90 +136,148 @@ class Engine:
         return results
 
     def stream(self, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[tuple[int, int]]:
-        """Yield (request, token) pairs as they are generated (same arguments as generate)."""
-        for item in self._run(prompts, **_defaults(kwargs)):
+        """Yield (request, token) pairs as they are generated (same arguments as generate, but
+        on_token). The engine is busy until the stream is exhausted or closed (`.close()`)."""
+        kwargs = _stream_arguments(kwargs)
+        for item in self._run(prompts, **kwargs):
             if not isinstance(item, list):
                 yield item
 
     @torch.no_grad()
     def save_context(self, prompt_tokens: Sequence[int], path: str | Path) -> dict:
-        """Process a prompt and write its whole cache state to `path`; returns a summary."""
-        prompt = list(prompt_tokens)
-        problem = self._check_prompt(prompt, 0, 0)
+        """Process a prompt and write its whole cache state to `path`; returns a summary.
+
+        Refused (ValueError, nothing written) when no engine of this model could continue it: the
+        prompt must leave room for at least one more token within max_seq_len."""
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"path must be a str or a Path, got {type(path).__name__}")
+        prompt, problem = _token_ids(prompt_tokens, self.cfg.vocab_size)
+        if problem is None and not prompt:
+            problem = "empty prompt: a context holds at least one token"
+        if problem is None and len(prompt) >= self.max_seq_len:
+            problem = (f"a context of {len(prompt)} tokens leaves no room for a new token within "
+                       f"max_seq_len={self.max_seq_len}")
+        if problem is None and not self.cache.fits_at_all(len(prompt)):
+            problem = f"a {len(prompt)}-token context is more than the whole cache budget holds"
         if problem:
             raise ValueError(problem)
-        buffer = io.BytesIO()
-        torch.save(self._process(prompt), buffer)
-        payload = buffer.getvalue()
-        header = {"format_version": CONTEXT_FORMAT_VERSION, "model": self._fingerprint(),
-                  "tokens": len(prompt), "sha256": hashlib.sha256(payload).hexdigest(),
-                  "payload_bytes": len(payload)}
-        head = json.dumps(header).encode()
-        Path(path).write_bytes(CONTEXT_MAGIC + struct.pack("<Q", len(head)) + head + payload)
-        return {"tokens": len(prompt), "file_bytes": len(CONTEXT_MAGIC) + 8 + len(head) + len(payload)}
+        if not Path(path).parent.is_dir():
+            raise ValueError(f"cannot write {path}: the folder {Path(path).parent} does not exist")
+        with self._exclusive("save_context"):
+            processed = self._process(prompt)
+        arrays = [torch.tensor(prompt, dtype=torch.int64), processed["logits"].float()]
+        layout = self.cache.snapshot_layout(len(prompt))
+        for parts, snapshot in zip(layout, processed["layers"], strict=True):
+            for name, shape in parts.items():
+                array = snapshot[name]
+                if tuple(array.shape) != shape or array.dtype != torch.uint8:  # a bug, not a user error
+                    raise RuntimeError(f"state part {name} is {array.dtype} {tuple(array.shape)}, "
+                                       f"the context layout says uint8 {shape}")
+                arrays.append(array)
+        header = {"model": self._model_fingerprint(), "weights": self.weights_digest(),
+                  "tokens": len(prompt)}
+        size = context_file.write(path, header, arrays)
+        return {"tokens": len(prompt), "file_bytes": size}
 
-    def _process(self, prompt: list[int]) -> dict:
-        """Run a prompt through a temporary sequence: {"tokens", "prompt", "logits" (of its last
-        token), "layers" (every state's bytes)}, the content of a context file."""
+    def weights_digest(self) -> str:
+        """`context_file.weights_digest` of the model, recomputed only when its weights changed."""
+        version = context_file.weights_version(self.model)
+        if self._weights is None or self._weights[0] != version:
+            self._weights = (version, context_file.weights_digest(self.model))
+        return self._weights[1]
+
+    # Scheduling -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self, call: str):
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError(f"{call}: this engine is serving another call (a stream() that was "
+                                  "not exhausted or closed, or a call from another thread); finish or "
+                                  "close it first, or use a second Engine")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _process(self, prompt: list[int], progress: Callable[[int], None] | None = None) -> dict:
+        """Run a prompt through a temporary sequence: {"tokens", "logits" (of its last token),
+        "layers" (every state's bytes)}, the content of a context file."""
         seq_id = self.cache.allocate(len(prompt))
         try:
             states = self.cache.states(seq_id)
             for start in range(0, len(prompt), self.prefill_chunk):
                 chunk = torch.tensor(prompt[start:start + self.prefill_chunk])
                 logits = forward_ragged(self.model, [chunk], [states])[0]
-            return {"tokens": len(prompt), "prompt": prompt, "logits": logits.clone(),
+                if progress is not None:
+                    progress(start + chunk.numel())
+            return {"tokens": len(prompt), "logits": logits.clone(),
                     "layers": [state.snapshot() for state in states]}
         finally:
             self.cache.free(seq_id)
 
-    # Scheduling -----------------------------------------------------------------------------
-
     @torch.no_grad()
     def _run(self, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0, stop_tokens=(),
-             context=None):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        start_time = time.perf_counter()
-        restored = self._load_context(context) if context is not None else None
-        context_len = restored["tokens"] if restored else 0
-        stop = set(stop_tokens)
-        results, waiting = [], deque()
-        for i, prompt in enumerate(prompts):
-            prompt = list(prompt)
-            result = GenerationResult(request=i, prompt_tokens=len(prompt), context_tokens=context_len)
-            results.append(result)
-            problem = self._check_prompt(prompt, context_len, max_new_tokens,
-                                         allow_empty=restored is not None)
-            if problem is None and not self.cache.fits_at_all(context_len + len(prompt) + max_new_tokens):
-                problem = (f"request needs {context_len + len(prompt) + max_new_tokens} tokens of cache, "
-                           "more than the whole cache budget holds")
-            if problem:
-                result.finish_reason, result.error = "error", problem
-                continue
-            generator = torch.Generator().manual_seed(seed + i)
-            waiting.append(_Request(result, prompt, max_new_tokens, generator))
+             context=None, on_prefill=None):
+        if isinstance(prompts, (str, bytes, dict)) or not hasattr(prompts, "__len__"):
+            raise TypeError(f"prompts must be a list of prompts (each a list of token ids), got "
+                            f"{type(prompts).__name__}")
+        if len(prompts) and all(isinstance(p, numbers.Integral) for p in prompts):
+            raise TypeError("prompts must be a list of prompts, got a list of token ids; "
+                            "for one prompt pass [prompt]")
+        n = len(prompts)
+        settings = list(zip(_per_request("max_new_tokens", max_new_tokens, n),
+                            _per_request("temperature", temperature, n),
+                            _per_request("top_p", top_p, n), _per_request("seed", seed, n),
+                            strict=True))
+        stop = {_integer("stop_tokens entry", t, -(2**63)) for t in _sequence("stop_tokens", stop_tokens)}
+        if context is not None and not isinstance(context, (str, Path)):
+            raise TypeError(f"context must be a path (str or Path), got {type(context).__name__}")
+        if on_prefill is not None and not callable(on_prefill):
+            raise TypeError(f"on_prefill must be callable, got {type(on_prefill).__name__}")
 
-        if restored is None and len(waiting) >= 2:
-            restored = self._shared_prefix(waiting)
+        with self._exclusive("generate/stream"):
+            start_time = time.perf_counter()
+            restored = self._load_context(context) if context is not None else None
             context_len = restored["tokens"] if restored else 0
+            results, waiting = [], deque()
+            for i, (prompt, (new, temp, p, request_seed)) in enumerate(zip(prompts, settings, strict=True)):
+                ids, problem = _token_ids(prompt, self.cfg.vocab_size)
+                result = GenerationResult(request=i, prompt_tokens=len(ids or ()), context_tokens=context_len)
+                results.append(result)
+                problem = problem or _sampling_problem(new, temp, p, request_seed)
+                if problem is None and not ids and restored is None:
+                    problem = "empty prompt: give at least one token (or a context file)"
+                problem = problem or self._length_problem(context_len, len(ids), new)
+                if problem is None and not self.cache.fits_at_all(context_len + len(ids) + new):
+                    problem = (f"request needs {context_len + len(ids) + new} tokens of cache, "
+                               "more than the whole cache budget holds")
+                if problem:
+                    result.finish_reason, result.error = "error", problem
+                    continue
+                generator = torch.Generator().manual_seed(int(request_seed))
+                waiting.append(_Request(result, ids, int(new), float(temp), float(p), generator))
 
-        running: list[_Request] = []
-        self.last_run = {"steps": 0, "peak_running": 0}
-        # Requests continuing a context share its full pages; each copies the window and tails.
-        prefix = self.cache.add_prefix(restored["layers"]) if restored and waiting else None
-        try:
-            yield from self._schedule(waiting, running, prefix, restored, context_len, temperature, top_p,
-                                      stop, start_time)
-        finally:
-            for req in running:
-                self.cache.free(req.seq_id)
-            if prefix is not None:
-                self.cache.drop_prefix(prefix)
+            if restored is None and len(waiting) >= 2 and self.share_prefix_min is not None:
+                restored = self._shared_prefix(waiting, on_prefill)
+                context_len = restored["tokens"] if restored else 0
+
+            running: list[_Request] = []
+            self.last_run = {"steps": 0, "peak_running": 0}
+            # Requests continuing a context share its full pages; each copies the window and tails.
+            prefix = None
+            if restored and waiting:
+                prefix = self.cache.add_prefix(restored.pop("layers"))
+            try:
+                yield from self._schedule(waiting, running, prefix, restored, context_len, stop,
+                                          start_time, on_prefill)
+            finally:
+                for req in running:
+                    self.cache.free(req.seq_id)
+                if prefix is not None:
+                    self.cache.drop_prefix(prefix)
         yield results
 
-    def _shared_prefix(self, waiting) -> dict | None:
+    def _shared_prefix(self, waiting, on_prefill) -> dict | None:
         """When every waiting prompt starts with the same `share_prefix_min`+ tokens, process them
         once; the requests then continue from it, sharing its full pages. Keeps each request at
         least one token of its own (unless its prompt is the prefix: it samples from the prefix's
@@ -193,10 +287,16 @@ class Engine:
         shortest = min(len(p) for p in prompts)
         while common < shortest and all(p[common] == prompts[0][common] for p in prompts):
             common += 1
-        if common < self.share_prefix_min:
+        if common == 0 or common < self.share_prefix_min:
             return None
+
+        def progress(done: int) -> None:
+            if on_prefill is not None:
+                for req in waiting:
+                    on_prefill(req.result.request, done, len(req.prompt))
+
         try:
-            shared = self._process(prompts[0][:common])
+            shared = self._process(prompts[0][:common], progress)
         except CacheFullError:
             return None  # not enough room to hold it on the side: serve the requests unshared
         for req in waiting:
@@ -204,8 +304,7 @@ class Engine:
             req.result.shared_prefix_tokens = common
         return shared
 
-    def _schedule(self, waiting, running, prefix, restored, context_len, temperature, top_p, stop,
-                  start_time):
+    def _schedule(self, waiting, running, prefix, restored, context_len, stop, start_time, on_prefill):
         while waiting or running:
             while waiting and len(running) < self.max_batch:
                 req = waiting[0]
@@ -217,7 +316,7 @@ class Engine:
                 if restored is not None:
                     req.logits = restored["logits"]
                 running.append(req)
-            if not running:  # cannot happen: fits_at_all was checked and nothing holds pages
+            if not running:  # cannot happen: fits_at_all was checked and nothing else holds pages
                 raise RuntimeError("scheduler stalled with an empty batch")
             self.last_run["steps"] += 1
             self.last_run["peak_running"] = max(self.last_run["peak_running"], len(running))
@@ -236,16 +335,23 @@ class Engine:
             for req, chunk in zip(work, chunks, strict=True):
                 if req.fed < len(req.prompt):
                     req.fed += chunk.numel()
-                    if req.fed < len(req.prompt):
-                        continue  # more prompt to feed: no token yet
+                    if on_prefill is not None:
+                        shared = req.result.shared_prefix_tokens
+                        on_prefill(req.result.request, shared + req.fed, shared + len(req.prompt))
             samples = [(r, r.logits) for r in ready]
             samples += [(r, logits[i]) for i, r in enumerate(work) if r.fed == len(r.prompt)]
             for req, row in samples:
                 req.logits = None
-                token = _sample(row, temperature, top_p, req.generator)
                 res = req.result
-                res.tokens.append(token)
                 now = time.perf_counter() - start_time
+                try:
+                    token = _sample(row, req.temperature, req.top_p, req.generator)
+                except _SamplingError as err:
+                    res.finish_reason, res.error, res.total_time = "error", str(err), now
+                    self.cache.free(req.seq_id)
+                    running.remove(req)
+                    continue
+                res.tokens.append(token)
                 if len(res.tokens) == 1:
                     res.time_to_first_token = now
                 yield res.request, token
@@ -256,71 +362,150 @@ class Engine:
                     self.cache.free(req.seq_id)
                     running.remove(req)
 
-    def _check_prompt(self, prompt: list, context_len: int, max_new_tokens: int,
-                      allow_empty: bool = False) -> str | None:
-        if not prompt and not allow_empty:
-            return "empty prompt: give at least one token (or a context file)"
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            return f"token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})"
-        total = context_len + len(prompt) + max_new_tokens
+    def _length_problem(self, context_len: int, prompt_len: int, max_new_tokens: int) -> str | None:
+        total = context_len + prompt_len + max_new_tokens
         if total > self.max_seq_len:
-            return (f"request of {total} tokens (context {context_len} + prompt {len(prompt)} + "
+            return (f"request of {total} tokens (context {context_len} + prompt {prompt_len} + "
                     f"{max_new_tokens} new) exceeds max_seq_len={self.max_seq_len}")
         return None
 
     # Context files --------------------------------------------------------------------------
 
-    def _fingerprint(self) -> str:
+    def _model_fingerprint(self) -> str:
         dtype = str(next(self.model.parameters()).dtype)
         return hashlib.sha256((self.cfg.fingerprint() + dtype).encode()).hexdigest()
 
     def _load_context(self, path) -> dict:
+        """Check a context file against this engine (everything before allocating), then read it."""
+        path = Path(path)
         try:
-            data = Path(path).read_bytes()
+            f = path.open("rb")
         except OSError as err:
-            raise ContextFileError(f"cannot read context file {path}: {err}") from None
-        if not data.startswith(CONTEXT_MAGIC) or len(data) < len(CONTEXT_MAGIC) + 8:
-            raise ContextFileError(f"{path} is not a hybrid-attention context file")
-        (head_len,) = struct.unpack("<Q", data[len(CONTEXT_MAGIC):len(CONTEXT_MAGIC) + 8])
-        body = data[len(CONTEXT_MAGIC) + 8:]
-        try:
-            header = json.loads(body[:head_len])
-        except (ValueError, UnicodeDecodeError):
-            raise ContextFileError(f"{path}: the header is corrupted") from None
-        version = header.get("format_version")
-        if not isinstance(version, int) or version > CONTEXT_FORMAT_VERSION:
-            raise ContextFileError(f"{path} has format version {version!r}; this library reads up to "
-                                   f"{CONTEXT_FORMAT_VERSION} (upgrade hybrid-attention)")
-        if header.get("model") != self._fingerprint():
-            raise ContextFileError(f"{path} was written for another model configuration or dtype")
-        payload = body[head_len:]
-        if len(payload) != header.get("payload_bytes"):
-            raise ContextFileError(f"{path} is truncated: {len(payload)} of {header.get('payload_bytes')} "
-                                   "payload bytes")
-        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            raise ContextFileError(f"{path} is corrupted: the checksum does not match")
-        restored = torch.load(io.BytesIO(payload), weights_only=True)
-        if restored["tokens"] + 1 > self.max_seq_len:
-            raise ContextFileError(f"{path} holds {restored['tokens']} tokens, "
-                                   f"max_seq_len is {self.max_seq_len}")
-        return restored
+            raise ContextFileError(f"cannot read context file {path}: {err.strerror or err}") from None
+        with f:
+            header, offset = context_file.read_header(f, path)
+            if header["model"] != self._model_fingerprint():
+                raise ContextFileError(f"{path} was written for another model configuration or dtype")
+            if header["weights"] != self.weights_digest():
+                raise ContextFileError(f"{path} was written by a model with other weights")
+            tokens = header["tokens"]
+            if not 1 <= tokens < self.max_seq_len:
+                raise ContextFileError(f"{path} holds {tokens} tokens; this engine continues contexts of "
+                                       f"1 to {self.max_seq_len - 1} (max_seq_len={self.max_seq_len})")
+            shapes = self.cache.snapshot_layout(tokens)
+            layout = [("prompt", torch.int64, (tokens,)), ("logits", torch.float32, (self.cfg.vocab_size,))]
+            for i, parts in enumerate(shapes):
+                layout += [(f"{i}/{name}", torch.uint8, shape) for name, shape in parts.items()]
+            arrays = context_file.read_payload(f, path, header, offset, layout)
+        layers = [{"pos": tokens, **{name: arrays[f"{i}/{name}"] for name in parts}}
+                  for i, parts in enumerate(shapes)]
+        return {"tokens": tokens, "prompt": arrays["prompt"].tolist(), "logits": arrays["logits"],
+                "layers": layers}
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+# Arguments ------------------------------------------------------------------------------------
 
 
-def _defaults(kwargs: dict) -> dict:
-    allowed = {"max_new_tokens", "temperature", "top_p", "seed", "stop_tokens", "context"}
+def _integer(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high_name or high}, got {value}")
+    return value
+
+
+def _sequence(name: str, value) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset, torch.Tensor)):
+        raise TypeError(f"{name} must be a sequence, got {type(value).__name__}")
+    return list(value.tolist() if isinstance(value, torch.Tensor) else value)
+
+
+def _per_request(name: str, value, n: int) -> list:
+    """One value per request: `value` for each, or the n values of a list / tuple."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _sampling_problem(max_new_tokens, temperature, top_p, seed) -> str | None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 1:
+        return f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
+    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        return f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+    if not _real(top_p) or not 0 < top_p <= 1:
+        return f"top_p must be a number in (0, 1], got {top_p!r}"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+        return f"seed must be an integer in [0, 2**63), got {seed!r}"
+    return None
+
+
+def _token_ids(prompt, vocab_size: int) -> tuple[list[int], str | None]:
+    """(ids, None) for a valid prompt, ([], problem) otherwise. Accepts ints, numpy integers,
+    0-d integer tensors, and 1-D integer tensors or arrays; refuses bools, floats and strings."""
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        dtype = prompt.dtype
+        is_int = (not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+                  if isinstance(dtype, torch.dtype) else dtype.kind in "iu")
+        if prompt.ndim != 1 or not is_int:
+            return [], f"a prompt tensor must be 1-D with an integer dtype, got {dtype} {tuple(prompt.shape)}"
+        ids = prompt.tolist()
+    elif isinstance(prompt, (str, bytes)):
+        return [], "a prompt must be a sequence of token ids, got a string (tokenize it first)"
+    elif not isinstance(prompt, (Sequence, Iterator)):
+        return [], f"a prompt must be a sequence of token ids, got {type(prompt).__name__}"
+    else:
+        ids = list(prompt)
+    if not all(type(token) is int for token in ids):  # numpy ints, 0-d tensors, or wrong types
+        items, ids = ids, []
+        for position, token in enumerate(items):
+            if isinstance(token, torch.Tensor) and token.dim() == 0 and not token.dtype.is_floating_point \
+                    and token.dtype != torch.bool:
+                token = int(token)
+            if isinstance(token, bool) or type(token).__name__ == "bool_":
+                return [], f"token {position} is a bool ({token!r}), expected an integer id"
+            if not isinstance(token, numbers.Integral):
+                return [], f"token {position} is {token!r} ({type(token).__name__}), expected an integer id"
+            ids.append(int(token))
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        position = next(i for i, token in enumerate(ids) if not 0 <= token < vocab_size)
+        return [], (f"token id {ids[position]} (position {position}) is outside the vocabulary "
+                    f"[0, {vocab_size})")
+    return ids, None
+
+
+def _stream_arguments(kwargs: dict) -> dict:
+    allowed = {"max_new_tokens", "temperature", "top_p", "seed", "stop_tokens", "context", "on_prefill"}
     unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}; expected some of {sorted(allowed)}")
     return kwargs
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """A token from `logits` [vocab]: greedy at temperature 0, else softmax(logits / temperature)
+    cut to the smallest set reaching `top_p`, sampled by one uniform draw from the request's own
+    generator (inverse CDF). In float64 after subtracting the maximum, so no temperature > 0
+    overflows."""
+    if not bool(torch.isfinite(logits).all()):
+        raise _SamplingError("the model produced non-finite logits")
+    if temperature == 0:
+        return int(logits.argmax())
+    scaled = (logits.double() - logits.max().double()) / temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True, stable=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    cdf = probs.cumsum(0)
+    u = torch.rand((), dtype=torch.float64, generator=generator) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp_max(probs.numel() - 1))

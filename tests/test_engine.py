@@ -103,7 +103,7 @@ def test_bad_context_files_are_refused(tmp_path):
         "corrupted": (bytes(flipped), "checksum"),
         "truncated": (data[:-10], "truncated"),
         "not ours": (b"hello world" * 3, "not a hybrid-attention context"),
-        "newer": (data.replace(b'"format_version": 1', b'"format_version": 9'), "format version 9"),
+        "newer": (data.replace(b'"format_version": 2', b'"format_version": 9'), "format version 9"),
     }
     for name, (content, message) in cases.items():
         bad = tmp_path / f"{name}.ctx"
