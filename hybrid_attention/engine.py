@@ -471,7 +471,8 @@ def _token_ids(prompt, vocab_size: int) -> tuple[list[int], str | None]:
             if isinstance(token, torch.Tensor) and token.dim() == 0 and not token.dtype.is_floating_point \
                     and token.dtype != torch.bool:
                 token = int(token)
-            if isinstance(token, bool) or type(token).__name__ == "bool_":
+            is_bool_tensor = isinstance(token, torch.Tensor) and token.dtype == torch.bool
+            if isinstance(token, bool) or type(token).__name__ in ("bool", "bool_") or is_bool_tensor:
                 return [], f"token {position} is a bool ({token!r}), expected an integer id"
             if not isinstance(token, numbers.Integral):
                 return [], f"token {position} is {token!r} ({type(token).__name__}), expected an integer id"
