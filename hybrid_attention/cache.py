@@ -26,6 +26,7 @@ happens half-way through a step.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -438,10 +439,16 @@ class PagedKVCache:
 
     def __init__(self, model, cache_bytes: int, max_sequences: int = 8, page_entries: int = 64,
                  device=None) -> None:
-        cfg: ModelConfig = model.cfg
+        cfg: ModelConfig = getattr(model, "cfg", None)
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"model must be a HybridTransformer, got {type(model).__name__}")
         att = cfg.attention
-        if max_sequences < 1:
-            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+        for name, value in (("cache_bytes", cache_bytes), ("max_sequences", max_sequences),
+                            ("page_entries", page_entries)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.layers = [block.attn for block in model.layers]
@@ -555,6 +562,8 @@ class PagedKVCache:
         `prefix`, the sequence starts from it, sharing its full pages.
 
         Raises CacheFullError (and allocates nothing) when a pool is short of pages."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         need = self.pages_needed(max_tokens)
         if prefix is not None:
             for name, count in prefix.shared_pages().items():
@@ -616,12 +625,17 @@ class PagedKVCache:
                     pool.give_back(page)
         prefix.pages = []
 
+    def _known(self, seq_id: int) -> int:
+        if seq_id not in self.sequences:
+            raise ValueError(f"no sequence {seq_id!r} in this cache (allocated: {sorted(self.sequences)})")
+        return seq_id
+
     def states(self, seq_id: int) -> list[PagedLayerState]:
-        return self.sequences[seq_id]
+        return self.sequences[self._known(seq_id)]
 
     def free(self, seq_id: int) -> None:
         """Return a sequence's pages and the rest of its reservation."""
-        states = self.sequences.pop(seq_id)
+        states = self.sequences.pop(self._known(seq_id))
         used = {name: 0 for name in self.pools}
         for state in states:
             for pool_name, pages in _pages_of(state).items():
@@ -633,7 +647,7 @@ class PagedKVCache:
     def nbytes_by_type(self, seq_id: int) -> dict[str, int]:
         """Bytes one sequence holds, by storage type, split CSA / HCA like the planner."""
         totals: dict[str, int] = {}
-        for state in self.sequences[seq_id]:
+        for state in self.sequences[self._known(seq_id)]:
             for name, n in state.nbytes_by_type().items():
                 key = {"compressed_kv": f"{state.kind}_compressed", "indexer_keys": "csa_indexer_keys",
                        "full_kv": "full"}.get(name, name)

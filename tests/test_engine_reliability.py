@@ -343,3 +343,30 @@ def test_a_prefix_keeps_only_what_is_not_on_its_shared_pages(tmp_path):
     finally:
         eng.cache.drop_prefix(prefix)
     assert cache_is_empty(eng)
+
+
+# The cache ------------------------------------------------------------------------------------
+
+def test_cache_arguments_and_unknown_sequences_are_refused():
+    from hybrid_attention.cache import PagedKVCache
+
+    for kwargs, error, message in [(dict(cache_bytes=0), ValueError, "cache_bytes must be >= 1"),
+                                   (dict(cache_bytes=1 << 20, page_entries=0), ValueError,
+                                    "page_entries must be >= 1"),
+                                   (dict(cache_bytes=1 << 20, max_sequences=1.0), TypeError,
+                                    "max_sequences must be an integer")]:
+        with pytest.raises(error, match=message):
+            PagedKVCache(MODEL, **kwargs)
+    with pytest.raises(TypeError, match="model must be a HybridTransformer"):
+        PagedKVCache(object(), 1 << 20)
+    cache = PagedKVCache(MODEL, 1 << 20, max_sequences=2)
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
+        cache.allocate(0)
+    seq = cache.allocate(10)
+    for call in (cache.free, cache.states, cache.nbytes_by_type):
+        with pytest.raises(ValueError, match="no sequence 7 in this cache"):
+            call(7)
+    cache.free(seq)
+    with pytest.raises(ValueError, match="no sequence"):
+        cache.free(seq)  # freeing twice would corrupt the free lists
+    assert all(p.reserved == 0 and len(p.free) == p.n_pages for p in cache.pools.values())
