@@ -1,0 +1,147 @@
+"""Training step (forward + backward) time and peak memory of each layer kind against dense SDPA.
+
+    python benchmarks/bench_train.py                          # 4K .. 32K, CSA, HCA, window
+    python benchmarks/bench_train.py --lengths 16384 32768 --rounds 3
+    python benchmarks/bench_train.py --quick                  # a smoke run at 512 .. 1K, tiny preset
+
+One layer of each kind of the preset (`demo_config`: "small" by default), fp32, batch 1, in train
+mode: x [1, s, dim] requires grad, the loss is <y, g> for a fixed random g, plus for CSA the
+indexer's KL loss (`return_aux=True`), and backward fills the gradients of x and of every
+parameter. The baseline is dense causal `scaled_dot_product_attention` forward + backward with the
+same head shapes (n_heads query heads of head_dim, as many K / V heads, q, k and v requiring grad).
+It is the attention core alone; the layers' steps include their projections, compressors, indexer
+and output projection, so the ratios favour the baseline.
+
+Every length runs one untimed step per candidate (the warm-up, which also measures the peak memory:
+the growth of the resident set over the step, `hybrid_attention.demo.PeakMemory`), then `--rounds`
+rounds of one timed step per candidate, in the same order, so a slow spell of a shared host lands
+on every candidate of a round alike. The table shows the median, and the ratio to the baseline's
+median at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_attention import HybridAttention
+from hybrid_attention.demo import KINDS, PeakMemory, demo_config
+
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
+QUICK_LENGTHS = (512, 1024)
+TRAIN_KINDS = ("csa", "hca", "window")
+DENSE = "dense SDPA"
+MB = 1 << 20
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def dense_step(n_heads: int, head_dim: int, seq_len: int):
+    """Causal SDPA forward + backward over q, k, v [1, n_heads, s, head_dim] that require grad."""
+    shape = (1, n_heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+
+    def step() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(grad)
+
+    return step
+
+
+def layer_step(layer: HybridAttention, seq_len: int):
+    """The layer's forward + backward on x [1, s, dim]; CSA adds its indexer loss to the loss."""
+    x = torch.randn(1, seq_len, layer.cfg.dim, requires_grad=True)
+    grad = torch.randn(1, seq_len, layer.cfg.dim)
+
+    def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux = layer(x, return_aux=True)
+        loss = (y * grad).sum()
+        if layer.kind == "csa":
+            loss = loss + aux["indexer_loss"]
+        loss.backward()
+
+    return step
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="sequence lengths in tokens (default: 4096 8192 16384 32768; "
+                             "512 1024 with --quick)")
+    parser.add_argument("--kinds", nargs="+", default=list(TRAIN_KINDS), choices=TRAIN_KINDS,
+                        help="layer kinds to run (default: csa hca window)")
+    parser.add_argument("--preset", default="small", help="attention preset (default: small)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per length (default: 2)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny preset, one round, lengths 512 1024 unless given")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.rounds = "tiny", 1
+    if args.lengths is None:
+        args.lengths = list(QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    if min(args.lengths) < 1 or args.rounds < 1:
+        parser.error("--lengths and --rounds must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = demo_config(args.preset)
+    print(f"# bench_train: {cpu_name()} (CPU), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads | preset {args.preset}: {cfg.n_heads} heads x {cfg.head_dim}, window "
+          f"{cfg.window_size}, top-k {cfg.index_topk}, ratios CSA {cfg.csa_ratio} / HCA "
+          f"{cfg.compress_ratios[KINDS.index('hca')]} | fp32, batch 1, forward + backward, "
+          f"median of {args.rounds} round(s)")
+    print(f"{'tokens':>7} {'step':>12} {'time s':>9} {'/ dense':>8} {'peak MB':>9} {'/ dense':>8}")
+    torch.manual_seed(0)
+    layers = {kind: HybridAttention(cfg, KINDS.index(kind)).train() for kind in args.kinds}
+    for seq_len in args.lengths:
+        steps = {} if args.no_dense else {DENSE: dense_step(cfg.n_heads, cfg.head_dim, seq_len)}
+        steps.update({kind: layer_step(layer, seq_len) for kind, layer in layers.items()})
+        peaks = {}
+        for name, step in steps.items():
+            print(f"  warm-up {name} at {seq_len}", end="\r", file=sys.stderr, flush=True)
+            with PeakMemory() as memory:
+                step()
+            peaks[name] = memory.peak
+        times = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        print(" " * 40, end="\r", file=sys.stderr)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name in steps:
+            ratio = f"{medians[name] / medians[DENSE]:.3f}" if DENSE in medians else "-"
+            peak = peaks[name]
+            peak_ratio = (f"{peak / peaks[DENSE]:.3f}" if DENSE in peaks and peak is not None
+                          and peaks[DENSE] else "-")
+            peak_text = f"{peak / MB:.0f}" if peak is not None else "-"
+            print(f"{seq_len:>7} {name:>12} {medians[name]:>9.3f} {ratio:>8} {peak_text:>9} {peak_ratio:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

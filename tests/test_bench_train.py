@@ -1,0 +1,36 @@
+"""benchmarks/bench_train.py: the smoke run prints a row per candidate and length."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_prints_every_kind_at_every_length(capsys):
+    bench = load()
+    assert bench.main(["--quick", "--lengths", "64", "96", "--kinds", "csa", "window"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# bench_train:") and "threads" in out[0] and "tiny" in out[0]
+    rows = [line.split() for line in out[2:]]
+    assert [(r[0], r[1]) for r in rows if r[1] != "dense"] == [
+        ("64", "csa"), ("64", "window"), ("96", "csa"), ("96", "window")]
+    dense = [r for r in rows if r[1] == "dense"]
+    assert len(dense) == 2 and all(r[4] == "1.000" for r in dense)  # the baseline's own ratio
+
+
+def test_bad_lengths_are_refused(capsys):
+    bench = load()
+    try:
+        bench.main(["--lengths", "0"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("--lengths 0 was accepted")
+    assert "must be positive" in capsys.readouterr().err
