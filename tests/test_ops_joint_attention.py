@@ -1,0 +1,141 @@
+"""ops.joint_attention: the blocked autograd Function (cpu.py) against the SPEC 4 construction with
+sparse attention through autograd (reference.py): output, teacher and every gradient."""
+
+import pytest
+import torch
+from conftest import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybrid_attention.ops.joint_attention import cpu, joint_attention, joint_attention_reference
+
+# (batch, seq, start, heads, dim, window, ratio, mode, top-k)
+CASES = [
+    pytest.param(2, 37, 0, 3, 16, 8, 0, "window", 0, id="B2-T37-window"),
+    pytest.param(1, 40, 13, 2, 16, 8, 0, "window", 0, id="B1-T40-from13-window"),
+    pytest.param(2, 45, 0, 3, 16, 8, 8, "dense", 0, id="B2-T45-hca-r8"),
+    pytest.param(2, 30, 21, 2, 16, 8, 8, "dense", 0, id="B2-T30-from21-hca-r8"),
+    pytest.param(2, 41, 0, 3, 16, 8, 4, "picks", 5, id="B2-T41-csa-r4-topk5"),
+    pytest.param(1, 23, 50, 2, 32, 8, 4, "picks", 6, id="B1-T23-from50-csa-topk6"),
+    pytest.param(2, 29, 3, 2, 16, 8, 4, "dense", 0, id="B2-T29-from3-dense-csa"),
+]
+
+
+def make_inputs(b, s, start, h, d, window, ratio, mode, topk, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    context = min(start, window - 1)
+    q = torch.randn(b, s, h, d, generator=gen).to(dtype)
+    kv = torch.randn(b, context + s, d, generator=gen).to(dtype)
+    sink = torch.randn(h, generator=gen)
+    compressed = picks = None
+    if mode != "window":
+        n = (start + s) // ratio
+        compressed = torch.randn(b, n, d, generator=gen).to(dtype)
+    if mode == "picks":
+        visible = torch.div(start + torch.arange(s) + 1, ratio, rounding_mode="floor")
+        scores = torch.rand(b, s, max(n, 1), generator=gen)[..., :n]
+        scores = scores.masked_fill(torch.arange(n) >= visible[:, None], -1.0)
+        k = min(topk, n)
+        picks = scores.topk(k, dim=-1).indices
+        picks = picks.masked_fill(picks >= visible[:, None], -1)  # too few visible entries: holes
+    return q, kv, sink, compressed, picks
+
+
+def is_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def run(fn, inputs, window, start, ratio, grads):
+    q, kv, sink, compressed, picks = (t.detach().clone() if is_float(t) else t for t in inputs)
+    for t in (q, kv, sink, compressed):
+        if t is not None:
+            t.requires_grad_(True)
+    out, teacher = fn(q, kv, sink, q.size(-1) ** -0.5, window, start, compressed, ratio, picks)
+    out.backward(grads)
+    return out, teacher, [t.grad if t is not None else None for t in (q, kv, sink, compressed)]
+
+
+def fast(q, kv, sink, scale, window, start, compressed, ratio, picks):
+    return joint_attention(q, kv, sink, scale, window, start, compressed, ratio, picks,
+                           want_teacher=compressed is not None, backend="torch")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)  # many blocks even at these lengths
+
+
+@pytest.mark.parametrize("b, s, start, h, d, window, ratio, mode, topk", CASES)
+def test_output_teacher_and_gradients_equal_the_reference(b, s, start, h, d, window, ratio, mode, topk):
+    inputs = make_inputs(b, s, start, h, d, window, ratio, mode, topk)
+    grads = torch.randn(b, s, h, d)
+    ref = run(joint_attention_reference, inputs, window, start, ratio, grads)
+    got = run(fast, inputs, window, start, ratio, grads)
+    assert_close("out", ref[0], got[0])
+    if ref[1] is not None:
+        assert_close("teacher", ref[1], got[1])
+    for name, r, g in zip(("dq", "dkv", "dsink", "dcompressed"), ref[2], got[2], strict=True):
+        if r is not None:
+            assert_close(name, r, g)
+
+
+@pytest.mark.parametrize("mode, ratio", [("window", 0), ("dense", 4), ("picks", 4)])
+def test_fp64_gradcheck(mode, ratio):
+    q, kv, sink, compressed, picks = make_inputs(1, 11, 2, 2, 4, 4, ratio, mode, 3, dtype=torch.float64)
+    sink = sink.double()
+    args = [t.requires_grad_(True) for t in (q, kv, sink)]
+    if compressed is not None:
+        args.append(compressed.requires_grad_(True))
+
+    def fn(q, kv, sink, compressed=None):
+        return cpu.JointAttention.apply(q, kv, compressed, sink, picks, 0.5, 4, 2, ratio, False)[0].double()
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+def test_bf16_error_against_fp64_is_no_larger_than_the_bf16_reference():
+    inputs = make_inputs(2, 41, 5, 3, 16, 8, 4, "picks", 5, dtype=torch.bfloat16, seed=3)
+    grads = torch.randn(2, 41, 3, 16)
+    exact = run(joint_attention_reference, [t.double() if is_float(t) else t for t in inputs],
+                8, 5, 4, grads.double())
+    ref = run(joint_attention_reference, inputs, 8, 5, 4, grads)
+    got = run(fast, inputs, 8, 5, 4, grads)
+    assert (got[0].double() - exact[0]).abs().max() <= (ref[0].double() - exact[0]).abs().max() + 1e-3
+    for name, e, r, g in zip(("dq", "dkv", "dsink", "dc"), exact[2], ref[2], got[2], strict=True):
+        err_fast = (g.double() - e).abs().max()
+        err_ref = (r.double() - e).abs().max()
+        assert err_fast <= err_ref + 2e-2 * e.abs().max(), f"{name}: {err_fast} vs {err_ref}"
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), s=st.integers(1, 30), start=st.integers(0, 20), window=st.sampled_from([1, 4, 8]),
+       mode=st.sampled_from(["window", "dense", "picks"]), topk=st.integers(1, 6), seed=st.integers(0, 99))
+def test_random_shapes(b, s, start, window, mode, topk, seed):
+    ratio = 0 if mode == "window" else 4
+    inputs = make_inputs(b, s, start, 2, 8, window, ratio, mode, topk, seed=seed)
+    if mode == "picks" and inputs[3].size(1) == 0:
+        mode, inputs = "dense", inputs[:4] + (None,)
+    grads = torch.randn(b, s, 2, 8)
+    ref = run(joint_attention_reference, inputs, window, start, ratio, grads)
+    got = run(fast, inputs, window, start, ratio, grads)
+    assert_close("out", ref[0], got[0])
+    for name, r, g in zip(("dq", "dkv", "dsink", "dcompressed"), ref[2], got[2], strict=True):
+        if r is not None:
+            assert_close(name, r, g)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(kv=torch.zeros(1, 5, 8)), r"kv must be \[1, 4, 8\]"),
+    (dict(sink=torch.zeros(3)), r"sink must be \[2\]"),
+    (dict(window_size=0), "window_size must be a positive int"),
+    (dict(start=-1), "start must be a non-negative int"),
+    (dict(compressed=torch.zeros(1, 0, 8), ratio=4, start=4, kv=torch.zeros(1, 7, 8)),
+     "compressed holds 0 entries"),
+    (dict(picks=torch.zeros(1, 4, 2, dtype=torch.int64)), "give compressed too"),
+    (dict(compressed=torch.zeros(1, 1, 8), ratio=4, picks=torch.full((1, 4, 2), 3)), "picks must lie in"),
+])
+def test_bad_inputs_name_what_is_wrong(change, message):
+    args = {**dict(q=torch.zeros(1, 4, 2, 8), kv=torch.zeros(1, 4, 8), sink=torch.zeros(2), scale=1.0,
+                   window_size=4, start=0), **change}
+    with pytest.raises(ValueError, match=message):
+        joint_attention(**args)
