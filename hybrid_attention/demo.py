@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import HybridAttention
+from .cli import UsageError, non_negative_int, positive_int, seed, token_count, token_count_or_zero
 from .config import FULL, AttentionConfig
 
 KINDS = ("window", "csa", "hca", "full")
@@ -355,57 +356,62 @@ def format_state_parts(rows: list[Row]) -> str:
 
 # CLI ----------------------------------------------------------------------------------------
 
+# Default prefill lengths per preset, (--seq-len, --full-seq-len): tiny's layers hold at most
+# max_seq_len=4096 tokens, and it is meant to finish in seconds.
+DEFAULT_LENGTHS = {"small": (32768, 8192), "tiny": (2048, 512)}
+
+
+def _per_preset(which: int) -> str:
+    return ", ".join(f"{lengths[which]} for {name}" for name, lengths in DEFAULT_LENGTHS.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", choices=("small", "tiny"),
-                        help="layer shapes (default: small; tiny is for quick tests)")
-    parser.add_argument("--seq-len", type=int, default=32768,
-                        help="prefill length in tokens (default: 32768)")
-    parser.add_argument("--full-seq-len", type=int, default=8192,
-                        help="prefill length of the 'full' layer, whose cost grows with the square "
-                             "of the length; 0 = the same as --seq-len (default: 8192)")
-    parser.add_argument("--decode-steps", type=int, default=64,
-                        help="one-token decode steps after the prefill (default: 64)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per batch (default: 1)")
+    parser.add_argument("--preset", default="small", choices=tuple(DEFAULT_LENGTHS),
+                        help="Layer shapes: small, or tiny for a run of seconds. Default: %(default)s.")
+    parser.add_argument("--seq-len", type=token_count, metavar="TOKENS",
+                        help="Prefill length in tokens: an integer, or with a K suffix (32K; 1K = 1024). "
+                             f"Default: {_per_preset(0)}.")
+    parser.add_argument("--full-seq-len", type=token_count_or_zero, metavar="TOKENS",
+                        help="Prefill length of the 'full' layer, whose cost grows with the square of the "
+                             f"length; 0 runs it at --seq-len. Default: {_per_preset(1)}.")
+    parser.add_argument("--decode-steps", type=non_negative_int, default=64, metavar="N",
+                        help="One-token decode steps after the prefill. Default: %(default)s.")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                        help="Sequences per batch. Default: %(default)s.")
     parser.add_argument("--dense-kv", default="heads", choices=("heads", "shared"),
-                        help="KV cache of the dense SDPA baseline: 'heads' = a K and a V head per "
-                             "query head, 'shared' = one head used as both key and value, like the "
-                             "layers' shared KV row (default: heads)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads; 0 = torch's default")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
-    parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "batch"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("decode_steps", "full_seq_len", "threads"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+                        help="KV cache of the dense SDPA baseline: heads gives a K and a V head per "
+                             "query head, shared one head used as both key and value, like the layers' "
+                             "shared KV row. Default: %(default)s.")
+    parser.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
+                        help="Torch intra-op threads; 0 keeps torch's default. Default: %(default)s.")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="Random seed of the weights and inputs. Default: %(default)s.")
+    parser.add_argument("--no-progress", action="store_true", help="Do not draw a progress bar.")
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
+    cfg = demo_config(args.preset)
+    default_len, default_full = DEFAULT_LENGTHS[args.preset]
+    seq_len = args.seq_len or default_len
+    full_seq_len = default_full if args.full_seq_len is None else args.full_seq_len
+    steps = args.decode_steps
+    full_len = min(seq_len, full_seq_len or seq_len)
+    if seq_len + steps > cfg.max_seq_len:
+        raise UsageError(f"--seq-len + --decode-steps = {seq_len + steps} passes the {args.preset!r} "
+                         f"preset's max_seq_len={cfg.max_seq_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = demo_config(args.preset)
-    steps = args.decode_steps
-    full_len = min(args.seq_len, args.full_seq_len or args.seq_len)
-    lengths = {kind: (full_len if kind == "full" else args.seq_len) for kind in KINDS}
+    lengths = {kind: (full_len if kind == "full" else seq_len) for kind in KINDS}
     dense_lengths = sorted(set(lengths.values()), reverse=True)
-    if max(lengths.values()) + steps > cfg.max_seq_len:
-        raise ValueError(f"--seq-len + --decode-steps = {args.seq_len + steps} passes the preset's "
-                         f"max_seq_len={cfg.max_seq_len}")
 
     layers = {kind: HybridAttention(cfg, i).eval() for i, kind in enumerate(KINDS)}
-    x = torch.randn(args.batch, args.seq_len + steps, cfg.dim)
+    x = torch.randn(args.batch, seq_len + steps, cfg.dim)
     print(f"hybrid-attention demo: preset {args.preset!r} (dim {cfg.dim}, {cfg.n_heads} heads x "
           f"{cfg.head_dim}, window {cfg.window_size}, CSA ratio {cfg.csa_ratio} top-{cfg.index_topk}, "
           f"HCA ratio {cfg.compress_ratios[KINDS.index('hca')]}), batch {args.batch}, fp32, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    print(f"prefill {args.seq_len} tokens ('full': {full_len}), then {steps} decode steps; "
+    print(f"prefill {seq_len} tokens ('full': {full_len}), then {steps} decode steps; "
           f"each layer runs once to warm up and measure memory, once timed")
 
     bar = progress_bar(4 * (len(KINDS) + len(dense_lengths)), disable=args.no_progress)
@@ -444,8 +450,8 @@ def run(args: argparse.Namespace) -> int:
         "keys/query: keys each decode query attends to, mean over the decode steps "
         "(aux['attended_keys']; dense: t + 1 at position t). State B/token: state.nbytes() / tokens.",
     ]
-    if full_len < args.seq_len:
+    if full_len < seq_len:
         notes.append(f"'full' runs at {full_len} tokens: it is dense causal attention, whose cost grows "
-                     f"with the square of the length; --full-seq-len 0 runs it at {args.seq_len}.")
+                     f"with the square of the length; --full-seq-len 0 runs it at {seq_len}.")
     print("\n".join("note: " + n for n in notes))
     return 0

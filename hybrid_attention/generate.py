@@ -1,71 +1,83 @@
-"""`hybrid-attention generate`: serve random prompts through the Engine, beside a dense model."""
+"""`hybrid-attention generate`: serve random prompts through the Engine, beside a dense model.
+
+Everything that can be refused is refused before anything is allocated: the numbers by argparse,
+a `--checkpoint` by its header (it must hold exactly the model's tensors and shapes), the cache
+budget against the planner's count of what the prompts hold, and the run against the memory this
+machine has available (MemAvailable in /proc/meminfo) with the planner's estimate of the weights,
+the cache and one step's activations; `--force` skips that last check. The two models run one
+after the other, each freed before the next is built. A progress line on stderr follows the
+prefill (the engine's `on_prefill`) and then the decode (`on_token`).
+"""
 
 from __future__ import annotations
 
+import inspect
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+from . import planner
+from .attention import SCORE_BUDGET
+from .cli import UsageError, non_negative_int, positive_float, positive_int, seed, token_count
+from .config import AttentionConfig, ModelConfig
 from .engine import Engine
 from .model import HybridTransformer
 
+PRESETS = ("tiny", "small", "v4-flash", "v4-pro")
+# The engine reports prefill progress from the version that added `on_prefill`.
+ENGINE_REPORTS_PREFILL = "on_prefill" in inspect.signature(Engine.generate).parameters
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="small", help="model preset (tiny, small; default small)")
-    parser.add_argument("--checkpoint", help="a .safetensors file of HybridTransformer weights "
-                        "(default: random weights)")
-    parser.add_argument("--prompt-len", type=int, default=65536, help="tokens in the random prompt")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--batch", type=int, default=1, help="identical-length prompts served together")
-    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per engine step")
-    parser.add_argument("--cache-gib", type=float, default=4.0, help="cache budget in GiB")
+    parser.add_argument("--preset", default="small", choices=PRESETS,
+                        help="Model shapes: tiny and small run on a CPU; v4-flash and v4-pro are the "
+                             "DeepSeek-V4 attention shapes with a dense MLP in place of the experts "
+                             "(refused where they do not fit, see --force). Default: %(default)s.")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="A .safetensors file of HybridTransformer weights for the hybrid model (the "
+                             "dense baseline keeps random weights). Default: random weights.")
+    parser.add_argument("--prompt-len", type=token_count, default=65536, metavar="TOKENS",
+                        help="Tokens in each random prompt: an integer, or with a K or M suffix (128K, "
+                             "1M; 1K = 1024). Default: %(default)s.")
+    parser.add_argument("--new-tokens", type=positive_int, default=64, metavar="N",
+                        help="Tokens to generate for each prompt. Default: %(default)s.")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                        help="Prompts of the same length served together. Default: %(default)s.")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=2048, metavar="TOKENS",
+                        help="Prompt tokens each request feeds per engine step. Default: %(default)s.")
+    parser.add_argument("--cache-gib", type=positive_float, default=4.0, metavar="GIB",
+                        help="Cache budget of each model in GiB, allocated whole when its engine "
+                             "starts. Default: %(default)s.")
     parser.add_argument("--quant", choices=("none", "official"), default="none",
-                        help="official: FP8 / FP4 cache storage (and the matching rounding)")
+                        help="Cache storage: none keeps fp32 rows, official stores FP8 / FP4 (with the "
+                             "matching rounding). Default: %(default)s.")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the dense model (every layer 'full') served the same way")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and prompt")
+                        help="Skip the dense model (every layer 'full') that is otherwise served the "
+                             "same way.")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="Random seed of the weights and the prompts. Default: %(default)s.")
+    parser.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
+                        help="Torch intra-op threads; 0 keeps torch's default. Default: %(default)s.")
+    parser.add_argument("--force", action="store_true",
+                        help="Run even when the planner's memory estimate exceeds the memory this "
+                             "machine has available.")
+    parser.add_argument("--no-progress", action="store_true", help="Do not draw the progress line.")
 
 
 def run(args) -> int:
-    from .config import AttentionConfig, ModelConfig
+    rows = model_configs(args)
+    if args.checkpoint:
+        check_checkpoint(args.checkpoint, rows[0][1], args.preset)
+    memory = check_memory(rows, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    if args.prompt_len < 1 or args.new_tokens < 1:
-        raise ValueError("--prompt-len and --new-tokens must be >= 1")
-    attention = AttentionConfig.preset(args.preset, quant=args.quant)
-    attention = attention.replace(max_seq_len=max(attention.max_seq_len, args.prompt_len + args.new_tokens))
-    cfg = ModelConfig.preset(args.preset, attention=attention)
-    rows = [("hybrid", cfg)]
-    if not args.no_baseline:
-        dense = attention.replace(compress_ratios=["full"] * attention.n_total_layers)
-        rows.append(("dense (all layers full)", ModelConfig.preset(args.preset, attention=dense)))
     print(f"# hybrid-attention generate: preset={args.preset} quant={args.quant} prompt={args.prompt_len} "
           f"new={args.new_tokens} batch={args.batch} threads={torch.get_num_threads()}")
-    reports = []
-    for name, model_cfg in rows:
-        torch.manual_seed(args.seed)
-        model = HybridTransformer(model_cfg)
-        if args.checkpoint and name == "hybrid":
-            from safetensors.torch import load_file
-            model.load_state_dict(load_file(args.checkpoint))
-        engine = Engine(model, cache_bytes=int(args.cache_gib * (1 << 30)), max_batch=args.batch,
-                        prefill_chunk=args.prefill_chunk)
-        gen = torch.Generator().manual_seed(args.seed)
-        prompts = [torch.randint(0, model_cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
-                   for _ in range(args.batch)]
-        progress = _Progress(name, args.new_tokens * args.batch)
-        start = time.perf_counter()
-        results = engine.generate(prompts, max_new_tokens=args.new_tokens, on_token=progress.tick)
-        elapsed = time.perf_counter() - start
-        progress.close()
-        errors = [r.error for r in results if r.error]
-        if errors:
-            raise ValueError(f"{name}: {errors[0]}")
-        ttft = max(r.time_to_first_token for r in results)
-        decode_time = max(r.total_time for r in results) - ttft
-        decoded = sum(len(r.tokens) - 1 for r in results)
-        cache = results[0].cache_bytes
-        reports.append((name, ttft, decoded / decode_time if decode_time > 0 else float("nan"),
-                        elapsed, cache))
+    print(f"# memory: {memory}")
+    reports = [serve(name, cfg, args) for name, cfg in rows]
     print(f"{'model':<26}{'TTFT s':>10}{'decode tok/s':>14}{'total s':>10}{'cache bytes/token':>19}")
     for name, ttft, tps, elapsed, cache in reports:
         per_token = sum(cache.values()) / (args.prompt_len + args.new_tokens)
@@ -80,21 +92,213 @@ def run(args) -> int:
     return 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr for generated tokens."""
+def model_configs(args) -> list[tuple[str, ModelConfig]]:
+    """(name, config) of the hybrid model and, unless --no-baseline, its all-'full' twin."""
+    attention = AttentionConfig.preset(args.preset, quant=args.quant)
+    attention = attention.replace(max_seq_len=max(attention.max_seq_len, args.prompt_len + args.new_tokens))
+    rows = [("hybrid", ModelConfig.preset(args.preset, attention=attention))]
+    if not args.no_baseline:
+        dense = attention.replace(compress_ratios=["full"] * attention.n_total_layers)
+        rows.append(("dense (all layers full)", ModelConfig.preset(args.preset, attention=dense)))
+    return rows
 
-    def __init__(self, name: str, total: int) -> None:
-        self.name, self.total, self.done = name, total, 0
 
-    def tick(self, request: int, token: int) -> None:
-        import sys
+def serve(name: str, cfg: ModelConfig, args) -> tuple[str, float, float, float, dict]:
+    """Build one model and its engine, serve the prompts; everything is freed on return."""
+    torch.manual_seed(args.seed)
+    model = HybridTransformer(cfg)
+    if args.checkpoint and name == "hybrid":
+        model.load_state_dict(load_checkpoint(args.checkpoint))
+    try:
+        engine = Engine(model, cache_bytes=int(args.cache_gib * (1 << 30)), max_batch=args.batch,
+                        prefill_chunk=args.prefill_chunk)
+    except ValueError as err:  # every argument was checked; what is left is the budget against the pools
+        raise UsageError(f"--cache-gib {args.cache_gib:g} is too small for {name}: {err}") from None
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+               for _ in range(args.batch)]
+    progress = Progress(name, args.batch * args.prompt_len, args.batch * args.new_tokens,
+                        stream=None if args.no_progress else sys.stderr)
+    callbacks = {"on_token": progress.token}
+    if ENGINE_REPORTS_PREFILL:
+        callbacks["on_prefill"] = progress.prefill
+    start = time.perf_counter()
+    try:
+        results = engine.generate(prompts, max_new_tokens=args.new_tokens, **callbacks)
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - start
+    errors = [r.error for r in results if r.error]
+    if errors:  # a request the engine refused: the cache budget cannot hold it
+        raise UsageError(f"{name}: {errors[0]} (--cache-gib {args.cache_gib:g})")
+    ttft = max(r.time_to_first_token for r in results)
+    decode_time = max(r.total_time for r in results) - ttft
+    decoded = sum(len(r.tokens) - 1 for r in results)
+    return (name, ttft, decoded / decode_time if decode_time > 0 else float("nan"), elapsed,
+            results[0].cache_bytes)
 
-        self.done += 1
-        filled = int(30 * self.done / self.total)
-        sys.stderr.write(f"\r{self.name:<26}[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
-        sys.stderr.flush()
+
+# Checks before anything is allocated ----------------------------------------------------------
+
+
+def check_checkpoint(path: str, cfg: ModelConfig, preset: str) -> None:
+    """Refuse a --checkpoint that cannot load into `HybridTransformer(cfg)`, reading only the file's
+    header: it must be a safetensors file holding exactly the model's tensors, with their shapes."""
+    shapes = _checkpoint_shapes(path)
+    with torch.device("meta"):  # the model's shapes without allocating its weights
+        expected = {key: tuple(t.shape) for key, t in HybridTransformer(cfg).state_dict().items()}
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = [f"{key} is {list(shapes[key])}, the model's is {list(expected[key])}"
+             for key in sorted(expected.keys() & shapes.keys()) if shapes[key] != expected[key]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} of the model's {len(expected)} tensors ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{_tensors(len(unexpected))} not in the model ({_first(unexpected)})")
+    if wrong:
+        problems.append(f"{_tensors(len(wrong))} of the wrong shape ({_first(wrong)})")
+    if problems:
+        raise UsageError(f"--checkpoint {path} does not hold HybridTransformer weights of preset "
+                         f"{preset!r}: " + "; ".join(problems))
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _first(items: list[str], count: int = 3) -> str:
+    return ", ".join(items[:count]) + (", ..." if len(items) > count else "")
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"--checkpoint {path}: no such file")
+    if not file.is_file():
+        raise UsageError(f"--checkpoint {path}: not a file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except OSError as err:
+        raise UsageError(f"--checkpoint {path}: cannot read it ({err})") from None
+    except SafetensorError as err:
+        raise UsageError(f"--checkpoint {path} is not a safetensors file ({err})") from None
+
+
+def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:  # changed since check_checkpoint read its header
+        raise UsageError(f"--checkpoint {path}: cannot read it ({err})") from None
+
+
+def check_memory(rows: list[tuple[str, ModelConfig]], args) -> str:
+    """Refuse a run whose planner estimate exceeds the memory available (unless --force), or whose
+    cache budget cannot hold the prompts; returns the estimate as a sentence for the header."""
+    context = args.prompt_len + args.new_tokens
+    budget = int(args.cache_gib * (1 << 30))
+    step = args.batch * min(args.prefill_chunk, args.prompt_len)
+    estimates = {name: planner.engine_memory(cfg, context, args.batch, step, budget, SCORE_BUDGET)
+                 for name, cfg in rows}
+    size = planner.human_bytes
+    # The models run one after the other, so the larger of them is the peak.
+    name, peak = max(estimates.items(), key=lambda item: item[1]["total"])
+    parts = (f"weights {size(peak['weights'])} in fp32 + cache {size(peak['cache_budget'])} + activations "
+             f"{size(peak['activations'])}")
+    available = available_memory()
+    if available is not None and peak["total"] > available and not args.force:
+        raise UsageError(f"preset {args.preset!r} needs about {size(peak['total'])} for the {name} model "
+                         f"({parts}, the planner's estimate), but this machine has {size(available)} "
+                         f"available (MemAvailable); choose a smaller preset or --cache-gib, or pass "
+                         f"--force to run anyway")
+    for name, est in estimates.items():
+        if est["cache_needed"] > budget:
+            sequences = f"{args.batch} sequences" if args.batch > 1 else "one sequence"
+            raise UsageError(f"{name}: {sequences} of {context:,} tokens (prompt + new) hold at least "
+                             f"{size(est['cache_needed'])} of cache, --cache-gib {args.cache_gib:g} holds "
+                             f"{size(budget)}; raise --cache-gib or shorten --prompt-len")
+    if available is None:
+        return f"about {size(peak['total'])} ({parts}); available memory unknown, not checked"
+    forced = " (over, --force)" if peak["total"] > available else ""
+    return f"about {size(peak['total'])} ({parts}) of {size(available)} available{forced}"
+
+
+def available_memory(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes, the kernel's estimate of what can be allocated without swapping;
+    None where the file cannot be read or has no such line (not Linux, or an old kernel)."""
+    try:
+        text = Path(meminfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields = value.split()
+        if key.strip() == "MemAvailable" and fields and fields[0].isdigit():
+            return int(fields[0]) * 1024  # /proc/meminfo counts in kB (KiB)
+    return None
+
+
+# Progress -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line on `stream`, redrawn with \\r: the prefill (prompt tokens processed / total,
+    tokens/s, time left), then the decode (tokens generated / total, tokens/s, time left). Its
+    `prefill` and `token` methods are the engine's `on_prefill` and `on_token`. stream=None draws
+    nothing."""
+
+    def __init__(self, name: str, prompt_tokens: int, new_tokens: int, stream=None,
+                 clock=time.perf_counter, width: int = 24) -> None:
+        self.name, self.stream, self.clock, self.width = name, stream, clock, width
+        self.prompt_total, self.decode_total = prompt_tokens, new_tokens
+        self.prefilled: dict[int, int] = {}  # request -> prompt tokens processed
+        self.decoded = 0
+        self.start = clock()
+        self.decode_start: float | None = None
+        self._drawn = 0  # length of the line on screen
+        self._draw("prefill", 0, prompt_tokens, None)
+
+    def prefill(self, request: int, done: int, total: int) -> None:
+        self.prefilled[request] = done
+        done_all = sum(self.prefilled.values())
+        elapsed = self.clock() - self.start
+        self._draw("prefill", done_all, self.prompt_total, done_all / elapsed if elapsed > 0 else None)
+
+    def token(self, request: int, token: int) -> None:
+        now = self.clock()
+        if self.decode_start is None:  # the first token closes the prefill
+            self.decode_start = now
+        self.decoded += 1
+        elapsed = now - self.decode_start
+        rate = (self.decoded - 1) / elapsed if elapsed > 0 else None
+        self._draw("decode", self.decoded, self.decode_total, rate)
 
     def close(self) -> None:
-        import sys
+        if self.stream is not None and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
 
-        sys.stderr.write("\n")
+    def _draw(self, phase: str, done: int, total: int, rate: float | None) -> None:
+        if self.stream is None:
+            return
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        speed = f"{rate:,.1f} tok/s" if rate else "- tok/s"
+        left = format_duration((total - done) / rate) if rate else "-"
+        line = f"{self.name}: {phase} [{bar}] {done:,}/{total:,} tokens, {speed}, ETA {left}"
+        self.stream.write("\r" + line + " " * max(0, self._drawn - len(line)))
+        self.stream.flush()
+        self._drawn = len(line)
+
+
+def format_duration(seconds: float) -> str:
+    """1:05 for 65 s, 1:01:05 past an hour."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

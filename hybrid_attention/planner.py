@@ -18,6 +18,7 @@ position L - 1 and sees L tokens (SPEC 4 with p + 1 = L). `hybrid-attention plan
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -26,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import AttentionConfig
+from .cli import UsageError, positive_int, token_count
+from .config import AttentionConfig, ModelConfig
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -224,12 +226,15 @@ def load_config(path: str | Path) -> ModelSpec:
         raise ValueError(f"no config file at {str(path)!r}")
     try:
         hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"{path} is not a readable JSON file: {err}") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object")
     name = path.parent.name if path.stem == "config" and path.parent.name else path.stem
-    return model_from_hf_config(hf, name)
+    try:
+        return model_from_hf_config(hf, name)
+    except (TypeError, ValueError) as err:  # a key missing or of the wrong type
+        raise ValueError(f"{path}: {err}") from None
 
 
 def load_model(preset_or_path: str) -> ModelSpec:
@@ -256,9 +261,29 @@ HYBRID_KEYS = ("compress_ratios", "o_groups", "o_lora_rank")  # any of them: a D
 MLA_KEYS = ("kv_lora_rank", "qk_nope_head_dim")
 
 
+# Keys read as sizes; a value of another type would otherwise fail deep in the arithmetic.
+POSITIVE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "vocab_size", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
+                 "intermediate_size", "moe_intermediate_size", "max_position_embeddings")
+COUNT_KEYS = ("num_nextn_predict_layers", "q_lora_rank", "qk_nope_head_dim", "index_n_heads",
+              "index_head_dim", "index_topk", "n_routed_experts", "num_local_experts", "num_experts",
+              "first_k_dense_replace", "n_shared_experts", "shared_expert_intermediate_size",
+              "num_hash_layers", "hc_mult")
+
+
+def _check_sizes(hf: dict) -> None:
+    for keys, low in ((POSITIVE_KEYS, 1), (COUNT_KEYS, 0)):
+        for key in keys:
+            value = hf.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"config.json: {key!r} must be an integer >= {low}, got {value!r}")
+
+
 def model_from_hf_config(hf: dict, name: str = "model") -> ModelSpec:
     """DeepSeek-V4 (`compress_ratios`, `o_groups`), DeepSeek-V2/V3/V3.2 (`kv_lora_rank`,
-    `qk_nope_head_dim`), else GQA / MHA. A needed key that is missing raises a ValueError naming it."""
+    `qk_nope_head_dim`), else GQA / MHA. A needed key that is missing, or a size that is not a
+    positive integer, raises a ValueError naming it."""
+    _check_sizes(hf)
     get = _getter(hf)
     dim = get("hidden_size", required=True)
     n_layers = get("num_hidden_layers", required=True)
@@ -939,6 +964,47 @@ def longest_context(model: ModelSpec, memory: int, batch: int = 1, precisions: d
             "unbounded": unbounded, "max_position_embeddings": cap}
 
 
+# Serving memory ------------------------------------------------------------------------------
+
+
+def model_spec_from_model_config(cfg: ModelConfig, name: str = "HybridTransformer") -> ModelSpec:
+    """The planner's view of `HybridTransformer(cfg)`: one block per entry of compress_ratios (the
+    MTP entries are ordinary blocks there), a dense SwiGLU MLP of width ffn_hidden in every block and
+    an untied head. `parameter_counts` of it is the module's parameter count."""
+    att = cfg.attention
+    return ModelSpec(name=name, dim=att.dim, n_layers=att.n_total_layers, attention=att,
+                     ffn=FFNSpec(dense_intermediate=cfg.ffn_hidden), vocab_size=cfg.vocab_size,
+                     weight_format="fp32")
+
+
+def engine_memory(cfg: ModelConfig, context: int, batch: int, tokens_per_step: int, cache_bytes: int,
+                  score_values: int, value_bytes: int = 4) -> dict[str, int]:
+    """The memory of serving `batch` sequences of `context` tokens with `HybridTransformer(cfg)`
+    (`value_bytes` per value: fp32) through the Engine, from the shapes. An estimate, in bytes:
+
+    - "weights": every parameter (`parameter_counts` of `model_spec_from_model_config`);
+    - "cache_budget": `cache_bytes`, which the engine's cache allocates and zeroes when it starts;
+    - "activations": one engine step of `tokens_per_step` tokens: per token the residual and normed
+      rows (4 * dim), the queries and attention outputs (3 * heads * head_dim) and the SwiGLU hidden
+      rows (3 * ffn_hidden); plus one query block's fp32 attention scores (`score_values`, the
+      layer's score budget). The small preset at 2048 tokens a step measured 179 MiB for 250 here;
+    - "total": weights + cache_budget + activations;
+    - "cache_needed": what the sequences hold in the cache at the end (`kv_cache_bytes`: rows in the
+      model dtype, or FP8 / FP4 with quant="official"), a lower bound of what the budget must hold
+      (pages round up).
+    """
+    att = cfg.attention
+    spec = model_spec_from_model_config(cfg)
+    weights = parameter_counts(spec)["total"] * value_bytes
+    per_token = 4 * att.dim + 3 * att.n_heads * att.head_dim + 3 * cfg.ffn_hidden
+    activations = tokens_per_step * per_token * value_bytes + score_values * 4
+    value_format = {4: "fp32", 2: "bf16"}[value_bytes]
+    precisions = {} if att.quant == "official" else {"all": value_format}
+    cache_needed = kv_cache_bytes(spec, context, batch, precisions)
+    return {"weights": weights, "cache_budget": cache_bytes, "activations": activations,
+            "total": weights + cache_bytes + activations, "cache_needed": cache_needed}
+
+
 # One model's plan ----------------------------------------------------------------------------
 
 
@@ -1001,63 +1067,120 @@ def ratios(model_plan: dict, baseline_plan: dict) -> dict[str, float | None]:
 # Command line ------------------------------------------------------------------------------
 
 
+def _gpu_argument(text: str) -> tuple[str, int]:
+    try:
+        return gpu_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _memory_argument(text: str) -> tuple[str, int]:
+    try:
+        return text.strip(), parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _precision_argument(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"takes TYPE=FORMAT (e.g. all=bf16), got {text!r}")
+    return key.strip(), value.strip()
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
+def _plot_argument(text: str) -> str:
+    """The image file to write: its folder must exist (a mistyped path should not create folders)
+    and its suffix, if any, be a format matplotlib writes."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(folder)!r} does not exist "
+                                         "(create it first)")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name such as plan.png")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix and suffix not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"cannot write a {suffix!r} image; use one of "
+                                         f"{', '.join(PLOT_FORMATS)}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help=f"a shipped model: {', '.join(known_presets())}")
-    source.add_argument("--config", help="path to a Hugging Face config.json (or its folder)")
-    parser.add_argument("--context", default="1M", help="context length: 131072, 128K or 1M (default 1M)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
-    parser.add_argument("--baseline", help="compare with this preset or config.json path, e.g. v3.2")
+    source.add_argument("--preset", choices=known_presets(), metavar="NAME",
+                        help=f"A shipped model: {', '.join(known_presets())}.")
+    source.add_argument("--config", metavar="PATH",
+                        help="A Hugging Face config.json, or the folder holding one.")
+    parser.add_argument("--context", type=token_count, default="1M", metavar="TOKENS",
+                        help="Context length: an integer, or with a K or M suffix (128K, 1M; 1K = 1024). "
+                             "Default: %(default)s.")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                        help="Sequences held at once. Default: %(default)s.")
+    parser.add_argument("--baseline", metavar="NAME_OR_PATH",
+                        help="Compare with this preset or config.json path, e.g. v3.2. Default: no baseline.")
     fit = parser.add_mutually_exclusive_group()
-    fit.add_argument("--gpu", help=f"longest context that fits next to the weights on this GPU: "
-                                   f"{', '.join(GPUS)} (or 8x<name>)")
-    fit.add_argument("--memory", help="as --gpu, for a memory size such as 80GiB")
-    parser.add_argument("--precision", action="append", default=[], metavar="TYPE=FORMAT",
-                        help=f"storage format of one cache type, or all=FORMAT for every entry type "
-                             f"(repeatable); types: {', '.join(STORAGE_TYPES)}; "
-                             f"formats: {', '.join(FORMATS)}")
+    fit.add_argument("--gpu", type=_gpu_argument, metavar="NAME",
+                     help=f"Report the longest context that fits next to the weights on this GPU: "
+                          f"{', '.join(GPUS)} (or 8x<name> for eight of them).")
+    fit.add_argument("--memory", type=_memory_argument, metavar="SIZE",
+                     help="As --gpu, for a memory size such as 80GiB, 80GB or 85899345920.")
+    parser.add_argument("--precision", type=_precision_argument, action="append", default=[],
+                        metavar="TYPE=FORMAT",
+                        help=f"Storage format of one cache type, or all=FORMAT for every entry type; "
+                             f"repeatable. Types: {', '.join(STORAGE_TYPES)}. Formats: {', '.join(FORMATS)}. "
+                             f"Default: what each model serves with (FP8 entries, FP4 V4 indexer keys, "
+                             f"bf16 for GQA).")
     parser.add_argument("--flops", choices=FLOP_ACCOUNTING, default=DEFAULT_ACCOUNTING,
-                        help="FLOP accounting: bf16-equivalent weighs FP8 / FP4 matmuls by 1/2 / 1/4 "
-                             f"(default {DEFAULT_ACCOUNTING}); plain counts every FLOP alike")
-    parser.add_argument("--mtp", action="store_true", help="include the multi-token-prediction blocks")
-    parser.add_argument("--per-layer", action="store_true", help="also list the KV cache of every layer")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.add_argument("--plot", metavar="PNG",
-                        help="draw KV bytes and decode FLOPs against context, 4K to 1M")
+                        help="FLOP accounting: bf16-equivalent weighs FP8 / FP4 matmuls by 1/2 / 1/4, "
+                             "plain counts every FLOP alike. Default: %(default)s.")
+    parser.add_argument("--mtp", action="store_true", help="Include the multi-token-prediction blocks.")
+    parser.add_argument("--per-layer", action="store_true", help="Also list the KV cache of every layer.")
+    parser.add_argument("--json", action="store_true", help="Print machine-readable JSON instead of a table.")
+    parser.add_argument("--plot", type=_plot_argument, metavar="IMAGE",
+                        help="Also draw KV bytes and decode FLOPs against context, 4K to 1M, into this "
+                             "image file (png, pdf, svg, ...) in an existing folder. Needs matplotlib.")
 
 
-def _parse_precisions(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"--precision takes TYPE=FORMAT (e.g. all=bf16), got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
+def _load_argument(flag: str, text: str) -> ModelSpec:
+    """A model named on the command line; a config file that cannot be used is the user's error."""
+    try:
+        return load_config(text) if flag == "--config" else load_model(text)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    context = parse_context(args.context)
-    if args.batch < 1:
-        raise ValueError(f"--batch must be a positive integer, got {args.batch}")
-    precisions = _parse_precisions(args.precision)
-    models = [load_preset(args.preset) if args.preset else load_config(args.config)]
+    models = [load_preset(args.preset) if args.preset else _load_argument("--config", args.config)]
     if args.baseline:
-        models.append(load_model(args.baseline))
-    fit_device = None
-    if args.gpu or args.memory:  # check before the slow parts
-        fit_device = gpu_memory(args.gpu) if args.gpu else (args.memory, parse_memory(args.memory))
+        models.append(_load_argument("--baseline", args.baseline))
+    precisions = dict(args.precision)
+    try:
+        for model in models:
+            resolve_precisions(model, precisions)
+    except ValueError as err:
+        raise UsageError(f"--precision: {err}") from None
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib (pip install 'hybrid-attention[plot]')")
+
+    context = args.context
     plans = [plan(m, context, args.batch, precisions, args.mtp, args.flops, args.per_layer) for m in models]
     report: dict[str, Any] = {"models": plans}
     if args.baseline:
         report["ratio_to_baseline"] = ratios(plans[0], plans[1])
+    fit_device = args.gpu or args.memory
     if fit_device:
         label, memory = fit_device
         fits = [dict(model=m.name, **longest_context(m, memory, args.batch, precisions, args.mtp))
                 for m in models]
         report["fit"] = {"device": label, "models": fits}
     if args.plot:
-        plot(models, args.plot, args.batch, precisions, args.mtp, args.flops)
+        try:
+            plot(models, args.plot, args.batch, precisions, args.mtp, args.flops)
+        except OSError as err:  # only the file is written; the folder was checked, but not its permissions
+            raise UsageError(f"--plot: cannot write {args.plot!r}: {err.strerror or err}") from None
         report["plot"] = args.plot
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -1213,8 +1336,9 @@ def plot(models: list[ModelSpec], path: str, batch: int = 1, precisions: dict | 
 __all__ = [
     "DEFAULT_PRECISIONS", "FORMATS", "GPUS", "STORAGE_TYPES", "FFNSpec", "FlopTerm", "GQASpec", "KeyCount",
     "MLASpec", "ModelSpec", "StorageFormat", "attention_only", "decode_bytes_read", "decode_flops",
-    "flop_terms", "gpu_memory", "kv_cache_bytes", "kv_cache_bytes_by_type", "kv_cache_bytes_per_layer",
-    "layer_state_bytes_by_type", "load_config", "load_model", "load_preset", "longest_context",
-    "model_from_hf_config", "parameter_counts", "parse_context", "parse_memory", "plan", "prefill_flops",
-    "resolve_precisions", "weights_bytes", "weights_bytes_by_group",
+    "engine_memory", "flop_terms", "gpu_memory", "kv_cache_bytes", "kv_cache_bytes_by_type",
+    "kv_cache_bytes_per_layer", "layer_state_bytes_by_type", "load_config", "load_model", "load_preset",
+    "longest_context", "model_from_hf_config", "model_spec_from_model_config", "parameter_counts",
+    "parse_context", "parse_memory", "plan", "prefill_flops", "resolve_precisions", "weights_bytes",
+    "weights_bytes_by_group",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybrid_attention import AttentionConfig, cli
-from hybrid_attention.demo import KINDS, PeakMemory, demo_config
+from hybrid_attention.demo import DEFAULT_LENGTHS, KINDS, PeakMemory, demo_config
 
 SEQ_LEN, FULL_LEN, STEPS = 200, 96, 4
 MB = 1 << 20
@@ -94,15 +94,31 @@ def test_shared_dense_cache_is_one_row_per_token(capsys, cfg):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seq-len", "0"], "--seq-len must be >= 1"),
-    (["--decode-steps", "-1"], "--decode-steps must be >= 0"),
-    (["--seq-len", "5000"], "max_seq_len"),
-], ids=["zero-length", "negative-steps", "past-max-seq-len"])
+    (["--seq-len", "0"], "argument --seq-len: must be a positive whole number of tokens"),
+    (["--decode-steps", "-1"], "argument --decode-steps: must be an integer >= 0"),
+    (["--seq-len", "5000"], "passes the 'tiny' preset's max_seq_len=4096"),
+    (["--seq-len", "4K", "--decode-steps", "1"], "= 4097 passes"),
+], ids=["zero-length", "negative-steps", "past-max-seq-len", "4K-plus-one-step"])
 def test_bad_arguments_are_reported_before_any_work(capsys, argv, message):
     assert cli.main(["demo", "--preset", "tiny", "--no-progress", *argv]) == 2
     captured = capsys.readouterr()
     assert message in captured.err
     assert captured.out == ""
+
+
+def test_tiny_runs_with_its_default_lengths(capsys):
+    """The preset's own defaults fit its max_seq_len=4096 (the small preset's 32768 would not)."""
+    assert cli.main(["demo", "--preset", "tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = parse_table(out)
+    seq_len, full_len = DEFAULT_LENGTHS["tiny"]
+    assert {("csa", seq_len), ("full", full_len)} <= set(rows)
+    assert f"prefill {seq_len} tokens ('full': {full_len}), then 64 decode steps" in out
+
+
+def test_lengths_take_a_k_suffix(capsys):
+    _, rows = run_demo(capsys, "--seq-len", "1K", "--full-seq-len", "0")
+    assert {("window", 1024), ("full", 1024)} <= set(rows)
 
 
 @pytest.mark.parametrize("method", ["auto", "sampled"])

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybrid_attention import AttentionConfig, HybridAttention
+from hybrid_attention import AttentionConfig, HybridAttention, HybridTransformer, ModelConfig
 from hybrid_attention import planner as P
 from hybrid_attention.cli import main
 
@@ -322,9 +322,9 @@ def test_cli_table_plot_and_config_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "v9"], "unknown preset 'v9'"),
-    (["--preset", "v4-pro", "--context", "-5"], "context must be"),
-    (["--preset", "v4-pro", "--context", "lots"], "context must be"),
+    (["--preset", "v9"], "argument --preset: invalid choice: 'v9'"),
+    (["--preset", "v4-pro", "--context", "-5"], "argument --context: must be a positive whole number"),
+    (["--preset", "v4-pro", "--context", "lots"], "argument --context: must be a positive whole number"),
     (["--preset", "v4-pro", "--gpu", "H900-1TB"], "unknown GPU 'H900-1TB'"),
     (["--preset", "v4-pro", "--memory", "big"], "memory must be"),
     (["--preset", "v4-pro", "--baseline", "v2"], "'v2' is neither a known preset"),
@@ -332,13 +332,13 @@ def test_cli_table_plot_and_config_file(capsys, tmp_path):
     (["--preset", "v4-pro", "--precision", "window=fp6"], "unknown storage format 'fp6'"),
     (["--preset", "v4-pro", "--precision", "ring=fp8"], "unknown storage type 'ring'"),
     (["--preset", "v4-pro", "--precision", "compressor_tail=fp8"], "compressor_tail"),
-    (["--preset", "v4-pro", "--batch", "0"], "--batch must be"),
+    (["--preset", "v4-pro", "--batch", "0"], "argument --batch: must be an integer >= 1"),
     (["--config", "/nonexistent/config.json"], "no config file"),
 ])
 def test_cli_refuses_bad_input(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
-    assert message in err and err.startswith("hybrid-attention plan: error:")
+    assert message in err and "hybrid-attention plan: error:" in err
 
 
 @pytest.mark.parametrize("drop", ["index_topk", "hidden_size", "o_groups", "num_experts_per_tok",
@@ -374,3 +374,49 @@ def test_attention_only_config():
     model = P.model_from_hf_config(hf)
     assert not model.whole_model and P.plan(model, 4096)["decode_flops_per_token"] is None
     assert P.plan(model, 4096)["attention_decode_flops_per_token"] > 0
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "4096"), ("num_hidden_layers", 0),
+                                        ("index_topk", -1), ("vocab_size", True), ("q_lora_rank", 1.5)])
+def test_config_sizes_must_be_integers(capsys, tmp_path, key, value):
+    hf = shipped("deepseek-v3.2.json")
+    hf[key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    code, out, err = run_cli(capsys, "--config", str(path))
+    assert code == 2 and out == ""
+    assert f"{path}: config.json: {key!r} must be an integer >= " in err
+
+
+# Serving memory (what `hybrid-attention generate` checks) ---------------------------------------
+
+
+def test_engine_memory_counts_the_module_and_its_step():
+    cfg = ModelConfig.preset("tiny")
+    est = P.engine_memory(cfg, context=100, batch=2, tokens_per_step=32, cache_bytes=M, score_values=1000)
+    assert est["weights"] == 4 * sum(p.numel() for p in HybridTransformer(cfg).parameters())
+    att = cfg.attention
+    per_token = 4 * att.dim + 3 * att.n_heads * att.head_dim + 3 * cfg.ffn_hidden  # 1600 values
+    assert est["activations"] == 32 * per_token * 4 + 1000 * 4
+    assert est["total"] == est["weights"] + M + est["activations"]
+    with torch.device("meta"):  # v4-flash: the ~56 GiB that `generate --preset v4-flash` would allocate
+        flash = ModelConfig.preset("v4-flash")
+        params = sum(p.numel() for p in HybridTransformer(flash).parameters())
+    assert P.engine_memory(flash, 1, 1, 1, 1, 0)["weights"] == 4 * params > 56 * P.GiB
+
+
+@pytest.mark.parametrize("quant", ["none", "official"])
+def test_engine_memory_cache_against_the_engine(quant):
+    from hybrid_attention.engine import Engine
+
+    cfg = ModelConfig.preset("tiny", attention=AttentionConfig.preset("tiny", quant=quant))
+    engine = Engine(HybridTransformer(cfg), cache_bytes=4 * M, max_batch=2, prefill_chunk=32)
+    results = engine.generate([list(range(96)), list(range(100, 196))], max_new_tokens=4)
+    measured = sum(results[0].cache_bytes.values())
+    # The last token is sampled, never fed: 99 tokens are in the cache.
+    predicted = P.engine_memory(cfg, 99, 1, 32, 4 * M, 0)["cache_needed"]
+    if quant == "none":
+        assert predicted == measured
+    else:  # the planner's FP8 rows keep the rope dims bf16; this fp32 model keeps them fp32
+        assert 0.5 * measured < predicted < measured
+    assert P.engine_memory(cfg, 99, 2, 32, 4 * M, 0)["cache_needed"] == 2 * predicted
