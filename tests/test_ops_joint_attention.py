@@ -120,7 +120,7 @@ def test_random_shapes(b, s, start, window, mode, topk, seed):
     got = run(fast, inputs, window, start, ratio, grads)
     assert_close("out", ref[0], got[0])
     for name, r, g in zip(("dq", "dkv", "dsink", "dcompressed"), ref[2], got[2], strict=True):
-        if r is not None:
+        if r is not None and r.numel():  # no entries yet: an empty gradient
             assert_close(name, r, g)
 
 
