@@ -9,6 +9,8 @@ d loss / d student = S - T; through student = sum_h w_h relu(u_h), u_h = qi_h . 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 QUERY_BLOCK = 256
@@ -31,8 +33,21 @@ def _block(qi, weights, keys, picks, teacher, a, e):
     return flat, valid, chosen, u, w, student, target, counted
 
 
+
+def _without_autocast(method):
+    """Run a Function's forward / backward with autocast off: it accumulates in fp32 whatever the
+    input dtype (bf16 under `torch.autocast` included) and casts its results back itself."""
+
+    @functools.wraps(method)
+    def wrapped(ctx, *args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return method(ctx, *args)
+
+    return wrapped
+
 class IndexerLoss(torch.autograd.Function):
     @staticmethod
+    @_without_autocast
     def forward(ctx, qi, weights, keys, picks, teacher):
         total = qi.new_zeros(())
         count = 0
@@ -50,6 +65,7 @@ class IndexerLoss(torch.autograd.Function):
         return total, count
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_total, grad_count):
         qi, weights, keys, picks, teacher = ctx.saved_tensors
         dqi = torch.empty_like(qi)
