@@ -12,15 +12,18 @@ score too many keys), so prefill memory grows linearly with the sequence.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
+from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_device
 from .compressor import Compressor
 from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
 from .modules import Linear, RMSNorm, head_rms_normalize
 from .ops import indexer_topk, sparse_attention
-from .ops.dispatch import BACKENDS, resolve_backend
+from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
@@ -65,12 +68,18 @@ class HybridAttention(nn.Module):
     def __init__(self, cfg: AttentionConfig, layer_id: int, dtype: torch.dtype | None = None,
                  backend: str = "auto") -> None:
         super().__init__()
+        if not isinstance(cfg, AttentionConfig):
+            raise TypeError(f"cfg must be an AttentionConfig, got {type(cfg).__name__}")
+        check_int("layer_id", layer_id, 0)
+        check_float_dtype("dtype", dtype, allow_none=True)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            check_triton_usable()
         self.cfg, self.layer_id = cfg, layer_id
         # "auto": the Triton kernels for CUDA tensors, the torch path otherwise (see `_attend`).
         self.backend = backend
-        self.kind = cfg.layer_kind(layer_id)
+        self.kind = cfg.layer_kind(layer_id)  # raises for a layer_id past the schedule
         self.ratio = cfg.compress_ratio(layer_id)
         self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         self.scale = cfg.head_dim**-0.5
@@ -104,9 +113,8 @@ class HybridAttention(nn.Module):
 
     def new_state(self, batch_size: int, device: torch.device | str | None = None) -> LayerState:
         """An empty streaming state for `batch_size` sequences starting at position 0."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        device = torch.device(device) if device is not None else self.wq_a.weight.device
+        check_int("batch_size", batch_size, 1)
+        device = to_device("device", device) if device is not None else self.wq_a.weight.device
         cfg, dtype = self.cfg, self.dtype
         state = LayerState(self.layer_id, self.kind, self._fingerprint, batch_size, dtype)
         if self.kind == "full":
@@ -134,7 +142,14 @@ class HybridAttention(nn.Module):
         dense_csa: a CSA layer attends to every visible compressed entry, as in the indexer's
           dense warm-up; the indexer loss is then taken over all of them.
         """
+        check_bool("return_aux", return_aux)
+        check_bool("check_finite", check_finite)
+        check_bool("dense_csa", dense_csa)
         self._check_input(x, state, check_finite)
+        # The kernel path (Triton) serves plain inference; the indexer loss and the dense CSA
+        # warm-up take the torch path. Resolved here so that a backend that cannot run fails first.
+        kernels = self.kind != "full" and not (return_aux or dense_csa) \
+            and resolve_backend(self.backend, x) == "triton"
         b, s, _ = x.shape
         start = state.pos if state is not None else 0
         work = state if state is not None else self.new_state(b, x.device)
@@ -165,8 +180,12 @@ class HybridAttention(nn.Module):
             index_keys = work.index_keys.with_appended(new_keys)
             head_weights = self.indexer.head_weights(x.detach())  # [b, s, hi]
 
-        y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
-                              head_weights, return_aux, dense_csa)
+        if kernels:
+            y, aux = self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
+                                          head_weights)
+        else:
+            y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
+                                  head_weights, return_aux, dense_csa)
         if state is not None:
             self._commit(state, kv, updates)
         if return_aux:
@@ -223,10 +242,6 @@ class HybridAttention(nn.Module):
         """Everything after the shared rows, one query block at a time: the block's queries, the
         joint softmax over its window rows + compressed entries + sink, the de-rotation and the
         output projection. Each block's intermediates are small enough to stay in cache."""
-        if self.kind != "full" and not (return_aux or dense_csa) \
-                and resolve_backend(self.backend, qr) == "triton":
-            return self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
-                                        head_weights)
         b, s = qr.shape[:2]
         win = self.cfg.window_size
         start = int(positions[0])
@@ -440,8 +455,7 @@ class HybridAttention(nn.Module):
         state.pos += s
 
     def _check_input(self, x, state, check_finite) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x)
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, dim], got {x.dim()} dims (shape {tuple(x.shape)})")
         if x.size(-1) != self.cfg.dim:
@@ -451,24 +465,36 @@ class HybridAttention(nn.Module):
         if x.dtype != self.dtype:
             raise ValueError(f"x has dtype {x.dtype}, the layer holds {self.dtype}; "
                              f"cast x or the layer (layer.to({x.dtype}))")
-        start = 0
+        if x.device != self.wq_a.weight.device:
+            raise ValueError(f"x is on {x.device}, the layer's weights are on {self.wq_a.weight.device}")
         if state is not None:
-            if not isinstance(state, StreamingState):
-                raise TypeError(f"state must come from new_state() or a cache, got {type(state).__name__}")
-            if state.layer_id != self.layer_id or state.kind != self.kind \
-                    or state.fingerprint != self._fingerprint:
-                raise ValueError(f"state belongs to layer {state.layer_id} ({state.kind}), not to "
-                                 f"layer {self.layer_id} ({self.kind}) of this config")
-            if state.batch_size != x.size(0):
-                raise ValueError(f"state holds {state.batch_size} sequences, x has batch {x.size(0)}")
-            if state.dtype != x.dtype:
-                raise ValueError(f"state holds {state.dtype} rows, x is {x.dtype}")
-            start = state.pos
-        if start + x.size(1) > self.cfg.max_seq_len:
-            raise ValueError(f"this chunk would reach position {start + x.size(1)}, past "
+            self.check_state(state, x.size(0), x.size(1), x.device)
+        elif x.size(1) > self.cfg.max_seq_len:
+            raise ValueError(f"this chunk would reach position {x.size(1)}, past "
                              f"max_seq_len={self.cfg.max_seq_len}")
         if check_finite and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf values (check_finite=True)")
+
+    def check_state(self, state: StreamingState, batch_size: int, seq_len: int,
+                    device: torch.device | None = None, name: str = "state") -> None:
+        """Raise unless `state` can take the next `seq_len` tokens of `batch_size` sequences (on
+        `device`); errors call it `name`. The model checks every layer's state this way before any
+        layer changes its own."""
+        if not isinstance(state, StreamingState):
+            raise TypeError(f"{name} must come from new_state() or a cache, got {type(state).__name__}")
+        if state.layer_id != self.layer_id or state.kind != self.kind \
+                or state.fingerprint != self._fingerprint:
+            raise ValueError(f"{name} belongs to layer {state.layer_id} ({state.kind}), not to "
+                             f"layer {self.layer_id} ({self.kind}) of this config")
+        if state.batch_size != batch_size:
+            raise ValueError(f"{name} holds {state.batch_size} sequences, x has batch {batch_size}")
+        if state.dtype != self.dtype:
+            raise ValueError(f"{name} holds {state.dtype} rows, the layer {self.dtype}")
+        if device is not None and isinstance(state, LayerState) and state.device not in (None, device):
+            raise ValueError(f"{name} is on {state.device}, x on {device}")
+        if state.pos + seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"this chunk would reach position {state.pos + seq_len}, past "
+                             f"max_seq_len={self.cfg.max_seq_len}")
 
     # Reference path -------------------------------------------------------------------------
 
@@ -530,6 +556,15 @@ class HybridAttention(nn.Module):
         FP8 e4m3 weights come with a sibling `<name>.scale` (ue8m0, one per 128x128 block) and are
         dequantised; bf16 / fp32 tensors are cast to the parameter's dtype. Missing, unexpected or
         wrongly shaped tensors raise a ValueError naming the tensor, before anything is copied."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must map names to tensors, got {type(state_dict).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {prefix!r}")
+        for key, value in state_dict.items():
+            if not isinstance(key, str):
+                raise TypeError(f"state_dict keys must be tensor names (str), got {key!r}")
+            if key.startswith(prefix) and not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         own = dict(self.named_parameters())
         given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         unexpected = [prefix + k for k in given if k not in own
@@ -546,6 +581,9 @@ class HybridAttention(nn.Module):
                 raise ValueError(f"tensor {prefix + name} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(param.shape)}")
             if tensor.dtype == torch.float8_e4m3fn:
+                if tensor.dim() != 2:
+                    raise ValueError(f"FP8 tensor {prefix + name} must be a 2-D weight (FP8 scales are "
+                                     f"per 128x128 block), got shape {tuple(tensor.shape)}")
                 scale = given.get(name + ".scale")
                 if scale is None:
                     raise ValueError(f"FP8 tensor {prefix + name} has no {prefix + name}.scale")
@@ -559,6 +597,8 @@ class HybridAttention(nn.Module):
             if not tensor.is_floating_point():
                 raise ValueError(f"tensor {prefix + name} has dtype {tensor.dtype}, expected a float")
             loaded[name] = tensor.to(param.dtype)
+            if not torch.isfinite(loaded[name]).all():
+                raise ValueError(f"tensor {prefix + name} holds NaN or Inf values (in {param.dtype})")
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(loaded[name])

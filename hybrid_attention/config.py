@@ -8,12 +8,68 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 QUANT_MODES = ("none", "official", "official-torch-port")
 FULL = "full"
+_REQUIRED = object()
+
+# Integer fields that must be >= 1.
+_POSITIVE_INT_FIELDS = ("dim", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "window_size",
+                        "index_n_heads", "index_head_dim", "max_seq_len", "query_block_size")
+
+# config.json keys read as AttentionConfig fields: key -> (field, type, default); `int` keys take
+# JSON integers only, `float` keys any JSON number; _REQUIRED: the key must be present.
+HF_KEYS = {
+    "hidden_size": ("dim", int, _REQUIRED),
+    "num_attention_heads": ("n_heads", int, _REQUIRED),
+    "head_dim": ("head_dim", int, _REQUIRED),
+    "qk_rope_head_dim": ("rope_head_dim", int, _REQUIRED),
+    "q_lora_rank": ("q_lora_rank", int, _REQUIRED),
+    "o_groups": ("o_groups", int, _REQUIRED),
+    "o_lora_rank": ("o_lora_rank", int, _REQUIRED),
+    "sliding_window": ("window_size", int, _REQUIRED),
+    "index_n_heads": ("index_n_heads", int, _REQUIRED),
+    "index_head_dim": ("index_head_dim", int, _REQUIRED),
+    "index_topk": ("index_topk", int, _REQUIRED),
+    "rope_theta": ("rope_theta", float, 10000.0),
+    "compress_rope_theta": ("compress_rope_theta", float, 160000.0),
+    "rms_norm_eps": ("norm_eps", float, 1e-6),
+}
+# The same for the keys of the `rope_scaling` object (YaRN, SPEC 2); null or absent: no YaRN.
+HF_ROPE_SCALING_KEYS = {
+    "factor": ("rope_factor", float, 1.0),
+    "original_max_position_embeddings": ("original_seq_len", int, 0),
+    "beta_fast": ("beta_fast", float, 32.0),
+    "beta_slow": ("beta_slow", float, 1.0),
+}
+
+
+class ConfigError(ValueError):
+    """A config field with a bad value: "AttentionConfig.<field>: <message>". `field` and `message`
+    are kept apart so that `from_hf_config` can name the config.json key instead."""
+
+    def __init__(self, owner: str, field_name: str, message: str) -> None:
+        super().__init__(f"{owner}.{field_name}: {message}")
+        self.field, self.message = field_name, message
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass
@@ -65,6 +121,9 @@ class AttentionConfig:
     query_block_size: int = 1024  # queries processed together in prefill (memory stays linear)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compress_ratios, list | tuple):
+            raise ConfigError("AttentionConfig", "compress_ratios",
+                              f"must be a list with one ratio per layer, got {self.compress_ratios!r}")
         self.compress_ratios = list(self.compress_ratios)
         if self.n_layers is None:
             self.n_layers = len(self.compress_ratios)
@@ -73,23 +132,47 @@ class AttentionConfig:
     def _validate(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
             if not ok:
-                raise ValueError(f"AttentionConfig.{name}: {message}")
+                raise ConfigError("AttentionConfig", name, message)
 
-        for name in ("dim", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
-                     "window_size", "index_n_heads", "index_head_dim", "max_seq_len",
-                     "query_block_size"):
+        # Types and ranges of single fields first, so the cross-field checks below can do arithmetic.
+        for name in _POSITIVE_INT_FIELDS:
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+            need(_is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        for name in ("hadamard", "fp8_gemm_inputs"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), name, f"must be True or False, got {value!r}")
+        for name in ("rope_theta", "compress_rope_theta"):
+            # theta = 1 divides by log(theta) = 0 in the YaRN range; below 1 no rotary base makes sense.
+            value = getattr(self, name)
+            need(_is_finite_number(value) and value > 1, name, f"must be a finite number > 1, got {value!r}")
+        need(_is_finite_number(self.rope_factor) and self.rope_factor >= 1, "rope_factor",
+             f"must be a finite number >= 1, got {self.rope_factor!r}")
+        # The YaRN range takes log(original_seq_len / (2 pi beta)): both betas must be positive, and
+        # beta_fast > beta_slow puts the blend's low end below its high end.
+        need(_is_finite_number(self.beta_slow) and self.beta_slow > 0, "beta_slow",
+             f"must be a positive finite number, got {self.beta_slow!r}")
+        need(_is_finite_number(self.beta_fast) and self.beta_fast > self.beta_slow, "beta_fast",
+             f"must be a finite number > beta_slow={self.beta_slow}, got {self.beta_fast!r}")
+        # 2**53: the largest length a float holds exactly (the YaRN range divides it as a float).
+        need(_is_int(self.original_seq_len) and 0 <= self.original_seq_len <= 2**53, "original_seq_len",
+             f"must be an integer in [0, 2**53] (0: no YaRN), got {self.original_seq_len!r}")
+        need(_is_finite_number(self.norm_eps) and self.norm_eps > 0, "norm_eps",
+             f"must be a positive finite number, got {self.norm_eps!r}")
+        need(isinstance(self.quant, str) and self.quant in QUANT_MODES, "quant",
+             f"must be one of {QUANT_MODES}, got {self.quant!r}")
+        need(_is_int(self.index_topk) and self.index_topk >= 1, "index_topk",
+             f"must be a positive integer, got {self.index_topk!r}")
+        need(_is_int(self.csa_ratio) and self.csa_ratio > 1, "csa_ratio",
+             f"must be an integer > 1, got {self.csa_ratio!r}")
+
         need(self.head_dim % 2 == 0, "head_dim", f"must be even, got {self.head_dim}")
-        need(isinstance(self.rope_head_dim, int) and 0 < self.rope_head_dim <= self.head_dim
+        need(_is_int(self.rope_head_dim) and 0 < self.rope_head_dim <= self.head_dim
              and self.rope_head_dim % 2 == 0, "rope_head_dim",
-             f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_head_dim}")
+             f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_head_dim!r}")
         need(self.rope_head_dim <= self.index_head_dim, "rope_head_dim",
              f"must not exceed index_head_dim={self.index_head_dim}, got {self.rope_head_dim}")
         need(self.n_heads % self.o_groups == 0, "o_groups",
              f"must divide n_heads={self.n_heads}, got {self.o_groups}")
-        need(isinstance(self.index_topk, int) and self.index_topk >= 1, "index_topk",
-             f"must be >= 1, got {self.index_topk}")
         if self.hadamard:
             d = self.index_head_dim
             need(d & (d - 1) == 0, "index_head_dim",
@@ -99,19 +182,12 @@ class AttentionConfig:
         need((self.head_dim - self.rope_head_dim) % 64 == 0 or self.quant == "none", "head_dim",
              f"non-rope width {self.head_dim - self.rope_head_dim} must be a multiple of 64 "
              f"(the FP8 block) when quant={self.quant!r}")
-        need(self.quant in QUANT_MODES, "quant", f"must be one of {QUANT_MODES}, got {self.quant!r}")
-        need(isinstance(self.csa_ratio, int) and self.csa_ratio > 1, "csa_ratio",
-             f"must be an integer > 1, got {self.csa_ratio!r}")
         need(len(self.compress_ratios) >= 1, "compress_ratios", "must list at least one layer")
         for i, ratio in enumerate(self.compress_ratios):
-            ok = ratio == FULL or (isinstance(ratio, int) and not isinstance(ratio, bool)
-                                   and (ratio == 0 or ratio > 1))
+            ok = ratio == FULL or (_is_int(ratio) and (ratio == 0 or ratio > 1))
             need(ok, "compress_ratios", f"entry {i} must be 0, an integer > 1 or 'full', got {ratio!r}")
-        need(isinstance(self.n_layers, int) and 1 <= self.n_layers <= len(self.compress_ratios),
-             "n_layers", f"must be in [1, {len(self.compress_ratios)}], got {self.n_layers!r}")
-        need(self.rope_factor >= 1, "rope_factor", f"must be >= 1, got {self.rope_factor}")
-        need(self.original_seq_len >= 0, "original_seq_len", f"must be >= 0, got {self.original_seq_len}")
-        need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        need(_is_int(self.n_layers) and 1 <= self.n_layers <= len(self.compress_ratios),
+             "n_layers", f"must be an integer in [1, {len(self.compress_ratios)}], got {self.n_layers!r}")
 
     # Derived values -------------------------------------------------------------------------
 
@@ -125,6 +201,8 @@ class AttentionConfig:
 
     def layer_kind(self, layer_id: int) -> str:
         """"window", "csa", "hca" or "full" for layer `layer_id` (MTP blocks count after main layers)."""
+        if not _is_int(layer_id):
+            raise TypeError(f"layer_id must be an int, got {layer_id!r}")
         if not 0 <= layer_id < len(self.compress_ratios):
             raise ValueError(f"layer_id {layer_id} is outside [0, {len(self.compress_ratios)})")
         ratio = self.compress_ratios[layer_id]
@@ -143,6 +221,7 @@ class AttentionConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     def replace(self, **changes: Any) -> "AttentionConfig":
+        _check_field_names(type(self), changes)
         return replace(self, **changes)
 
     # Constructors ---------------------------------------------------------------------------
@@ -150,65 +229,119 @@ class AttentionConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AttentionConfig":
         """The real V4 shapes ("v4-pro", "v4-flash") or a CPU-sized one ("small", "tiny")."""
-        if name not in _PRESETS:
+        if not isinstance(name, str) or name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {sorted(_PRESETS)}")
+        _check_field_names(cls, overrides)
         return cls(**{**_PRESETS[name](), **overrides})
 
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | Path | dict, **overrides: Any) -> "AttentionConfig":
-        """Read a DeepSeek-V4 `config.json` (a path or the parsed dict); quant defaults to official."""
-        if isinstance(path_or_dict, dict):
-            hf = path_or_dict
-        else:
-            path = Path(path_or_dict)
-            if path.is_dir():
-                path = path / "config.json"
-            hf = json.loads(path.read_text())
-
-        def get(key: str, default: Any = _REQUIRED) -> Any:
-            if key in hf:
-                return hf[key]
-            if default is _REQUIRED:
-                raise ValueError(f"config.json is missing the key {key!r}")
-            return default
-
-        rope_scaling = hf.get("rope_scaling") or {}
-        n_layers = get("num_hidden_layers")
-        n_mtp = get("num_nextn_predict_layers", 0)
-        ratios = list(get("compress_ratios"))
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> "AttentionConfig":
+        """Read a DeepSeek-V4 `config.json` (a path, its folder, or the parsed dict); quant defaults
+        to official. A missing file, bad JSON, a missing key or a value of the wrong type or range
+        raises a ValueError naming the file and the key; numbers are never read from strings."""
+        _check_field_names(cls, overrides)
+        hf, source = _read_hf_config(path_or_dict)
+        top = _HFReader(hf, source)
+        n_layers = top.get("num_hidden_layers", int, minimum=1)
+        n_mtp = top.get("num_nextn_predict_layers", int, 0, minimum=0)
+        ratios = top.get("compress_ratios", list)
         if len(ratios) < n_layers:
-            raise ValueError(f"config.json: compress_ratios has {len(ratios)} entries, "
-                             f"num_hidden_layers is {n_layers}")
-        ratios = ratios[: n_layers + n_mtp]
-        if get("num_key_value_heads", 1) != 1:
-            raise ValueError("config.json: num_key_value_heads must be 1 (one shared KV head)")
-        fields = dict(
-            dim=get("hidden_size"),
-            n_heads=get("num_attention_heads"),
-            head_dim=get("head_dim"),
-            rope_head_dim=get("qk_rope_head_dim"),
-            q_lora_rank=get("q_lora_rank"),
-            o_groups=get("o_groups"),
-            o_lora_rank=get("o_lora_rank"),
-            window_size=get("sliding_window"),
-            compress_ratios=ratios,
-            n_layers=n_layers,
-            index_n_heads=get("index_n_heads"),
-            index_head_dim=get("index_head_dim"),
-            index_topk=get("index_topk"),
-            rope_theta=float(get("rope_theta", 10000.0)),
-            compress_rope_theta=float(get("compress_rope_theta", 160000.0)),
-            rope_factor=float(rope_scaling.get("factor", 1.0)),
-            original_seq_len=int(rope_scaling.get("original_max_position_embeddings", 0)),
-            beta_fast=float(rope_scaling.get("beta_fast", 32.0)),
-            beta_slow=float(rope_scaling.get("beta_slow", 1.0)),
-            norm_eps=float(get("rms_norm_eps", 1e-6)),
-            quant="official",
-        )
-        return cls(**{**fields, **overrides})
+            raise ValueError(f"{source}: 'compress_ratios' has {len(ratios)} entries, "
+                             f"'num_hidden_layers' is {n_layers}")
+        if top.get("num_key_value_heads", int, 1) != 1:
+            raise ValueError(f"{source}: 'num_key_value_heads' must be 1 (one shared KV head)")
+        values = dict(compress_ratios=ratios[: n_layers + n_mtp], n_layers=n_layers, quant="official")
+        keys = {"compress_ratios": "compress_ratios", "n_layers": "num_hidden_layers"}  # field -> key
+        for reader, table in ((top, HF_KEYS), (top.section("rope_scaling"), HF_ROPE_SCALING_KEYS)):
+            for key, (name, kind, default) in table.items():
+                values[name] = reader.get(key, kind, default)
+                keys[name] = reader.prefix + key
+        try:
+            return cls(**{**values, **overrides})
+        except ConfigError as err:
+            if err.field in overrides or err.field not in keys:
+                raise
+            raise ValueError(f"{source}: {keys[err.field]!r} (AttentionConfig.{err.field}): "
+                             f"{err.message}") from None
 
 
-_REQUIRED = object()
+def _check_field_names(cls: type, names: dict) -> None:
+    """Unknown keyword arguments as a ValueError that lists the fields (not a TypeError from __init__)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))}; "
+                         f"its fields are {', '.join(sorted(known))}")
+
+
+def _shown(value: Any) -> str:
+    """A config value as config.json would spell it (null, "abc"), cut to a readable length."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_hf_config(path_or_dict: str | os.PathLike | dict) -> tuple[dict, str]:
+    """(the parsed config, the name errors give it): a dict as it is, else the file's JSON object."""
+    if isinstance(path_or_dict, dict):
+        return path_or_dict, "config.json"
+    if not isinstance(path_or_dict, str | os.PathLike):
+        raise TypeError(f"from_hf_config takes a path or a dict, got {type(path_or_dict).__name__}")
+    path = Path(path_or_dict)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the config file is not UTF-8 text") from None
+    try:
+        hf = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {_shown(hf)}")
+    return hf, str(path)
+
+
+# What `_HFReader.get` accepts for each kind: (the words of the error, the test).
+_JSON_KINDS = {
+    int: ("an integer", _is_int),
+    float: ("a finite number", _is_finite_number),
+    list: ("a list", lambda value: isinstance(value, list)),
+    dict: ("an object", lambda value: isinstance(value, dict)),
+}
+
+
+class _HFReader:
+    """Typed reads of the keys of one JSON object of a config.json; errors name the file and the key
+    (`prefix` is the path of a nested object, e.g. "rope_scaling.")."""
+
+    def __init__(self, hf: dict, source: str, prefix: str = "") -> None:
+        self.hf, self.source, self.prefix = hf, source, prefix
+
+    def get(self, key: str, kind: type, default: Any = _REQUIRED, minimum: int | None = None) -> Any:
+        """hf[key] checked to be of `kind` (int: a JSON integer; float: a finite JSON number,
+        returned as a float; list; dict), `default` when the key is absent (_REQUIRED: an error)."""
+        if key not in self.hf:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source} is missing the key {self.prefix + key!r}")
+            return default
+        value = self.hf[key]
+        wanted, ok = _JSON_KINDS[kind]
+        if not ok(value) or (minimum is not None and value < minimum):
+            wanted += f" >= {minimum}" if minimum is not None else ""
+            raise ValueError(f"{self.source}: {self.prefix + key!r} must be {wanted}, got {_shown(value)}")
+        return float(value) if kind is float else value
+
+    def section(self, key: str) -> "_HFReader":
+        """The nested object under `key`; null or absent reads as an empty one."""
+        value = self.get(key, dict) if self.hf.get(key) is not None else {}
+        return _HFReader(value, self.source, f"{self.prefix}{key}.")
 
 
 def _v4_common() -> dict:
@@ -261,10 +394,13 @@ class ModelConfig:
     ffn_hidden: int = 2816
 
     def __post_init__(self) -> None:
+        if not isinstance(self.attention, AttentionConfig):
+            raise ConfigError("ModelConfig", "attention",
+                              f"must be an AttentionConfig, got {type(self.attention).__name__}")
         for name in ("vocab_size", "ffn_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name}: must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise ConfigError("ModelConfig", name, f"must be a positive integer, got {value!r}")
 
     @property
     def n_layers(self) -> int:
@@ -277,6 +413,7 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """"small" and "tiny" reuse the attention presets; "v4-flash" / "v4-pro" give the real
         attention shapes with a dense MLP stand-in (for memory and timing studies, not checkpoints)."""
+        _check_field_names(cls, overrides)
         attention = AttentionConfig.preset(name)
         sizes = {"tiny": (256, 128), "small": (32000, 2816)}.get(name, (129280, 4 * attention.dim))
         return cls(**{**dict(attention=attention, vocab_size=sizes[0], ffn_hidden=sizes[1]), **overrides})

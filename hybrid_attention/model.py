@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .attention import HybridAttention
+from .checks import check_bool, check_float_dtype
 from .config import ModelConfig
 from .modules import RMSNorm, linear
 from .state import LayerState
@@ -48,6 +49,9 @@ class Block(nn.Module):
 class HybridTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        check_float_dtype("dtype", dtype, allow_none=True)
         self.cfg = cfg
         dim = cfg.attention.dim
         self.embed = nn.Embedding(cfg.vocab_size, dim, dtype=dtype)
@@ -65,8 +69,9 @@ class HybridTransformer(nn.Module):
                 return_aux: bool = False):
         """tokens [b, s] int -> logits [b, s, vocab] (fp32). With `states`, continue those sequences.
 
-        Errors leave every state untouched: inputs are checked here, and each layer checks its
-        own before changing anything; a layer fails only on inputs the first layer also rejects."""
+        Errors leave every state untouched: the tokens and every layer's state are checked here,
+        before the first layer changes its own."""
+        check_bool("return_aux", return_aux)
         self._check_tokens(tokens, states)
         x = self.embed(tokens)
         losses = []
@@ -83,30 +88,37 @@ class HybridTransformer(nn.Module):
         return logits
 
     def _check_tokens(self, tokens: torch.Tensor, states) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            raise ValueError(f"tokens must be a [batch, seq] integer tensor, got "
-                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
-        if tokens.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a [batch, seq] torch.Tensor of integer ids, got "
+                            f"{type(tokens).__name__}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be a [batch, seq] integer tensor, got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int32, torch.int64):  # what nn.Embedding takes
+            raise ValueError(f"tokens must hold integer ids (int64 or int32), got dtype {tokens.dtype}")
         if tokens.numel() == 0:
             raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
+        if tokens.device != self.embed.weight.device:
+            raise ValueError(f"tokens are on {tokens.device}, the model's weights on "
+                             f"{self.embed.weight.device}")
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.cfg.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        if states is not None:
-            if len(states) != len(self.layers):
-                raise ValueError(f"states has {len(states)} entries, the model has {len(self.layers)} layers")
-            positions = {s.pos for s in states}
-            if len(positions) != 1:
-                raise ValueError(f"states are at different positions {sorted(positions)}")
-            end = states[0].pos + tokens.size(1)
-            if end > self.cfg.attention.max_seq_len:
-                raise ValueError(f"this chunk would reach position {end}, past "
+        if states is None:
+            if tokens.size(1) > self.cfg.attention.max_seq_len:
+                raise ValueError(f"tokens has {tokens.size(1)} positions, past "
                                  f"max_seq_len={self.cfg.attention.max_seq_len}")
-            if states[0].batch_size != tokens.size(0):
-                raise ValueError(f"states hold {states[0].batch_size} sequences, tokens have batch "
-                                 f"{tokens.size(0)}")
+            return
+        if not isinstance(states, list | tuple):
+            raise TypeError(f"states must be the list that new_states() returns, got {type(states).__name__}")
+        if len(states) != len(self.layers):
+            raise ValueError(f"states has {len(states)} entries, the model has {len(self.layers)} layers")
+        b, s = tokens.shape
+        for i, (block, state) in enumerate(zip(self.layers, states, strict=True)):
+            block.attn.check_state(state, b, s, tokens.device, name=f"states[{i}]")
+        positions = {state.pos for state in states}
+        if len(positions) != 1:
+            raise ValueError(f"states are at different positions {sorted(positions)}")
 
 
 def forward_ragged(model: HybridTransformer, chunks: list[torch.Tensor], states: list[list]) -> torch.Tensor:

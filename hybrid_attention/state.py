@@ -41,6 +41,10 @@ class GrowingRows:
         return self._data[:, :end]
 
     def append(self, rows: torch.Tensor) -> None:
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 3 \
+                or (rows.size(0), rows.size(2)) != (self._data.size(0), self._data.size(2)):
+            shown = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"rows must be [{self._data.size(0)}, n, {self._data.size(2)}], got {shown}")
         end = self.length + rows.size(1)
         self._reserve(end)
         self._data[:, self.length:end] = rows.detach()
@@ -85,6 +89,13 @@ class LayerState(StreamingState):
     compressed: GrowingRows | None = None  # [b, pos // ratio, d]
     index_compressor: CompressorState | None = None
     index_keys: GrowingRows | None = None  # [b, pos // ratio, index_head_dim]
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the state's rows live (None for an empty shell)."""
+        if self.window is not None:
+            return self.window.device
+        return self.kv.view().device if self.kv is not None else None
 
     def window_rows(self, count: int) -> torch.Tensor:
         """The last `count` (<= window_size, <= pos) KV rows in position order, [b, count, d]."""

@@ -216,11 +216,12 @@ def test_torch_path_skips_columns_no_query_uses():
     (dict(kv=FP8KV(torch.zeros(1, 4, 64), torch.zeros(1, 4, 1, dtype=torch.int8))), "float8_e4m3fn"),
     (dict(kv=FP8KV(torch.zeros(1, 4, 64, dtype=torch.float8_e4m3fn), torch.zeros(1, 4, 1, dtype=torch.int8))),
      "q has head_dim 8"),
-    (dict(kv="rows"), "kv must be a tensor or an FP8KV"),
+    (dict(kv="rows"), "kv must be a torch.Tensor or an FP8KV"),
 ])
 def test_bad_storage_is_named(bad, message):
     args = dict(q=torch.randn(1, 2, 2, 8), kv=torch.randn(1, 4, 8), sink=torch.zeros(2),
                 indices=torch.zeros(1, 2, 3, dtype=torch.int32), scale=1.0)
     args.update(bad)
-    with pytest.raises(ValueError, match=message):
+    error = TypeError if isinstance(args["kv"], str) else ValueError  # not a tensor: a TypeError
+    with pytest.raises(error, match=message):
         sparse_attention(**args)

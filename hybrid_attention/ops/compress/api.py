@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...checks import check_bool, check_int, check_same_device, check_tensor
 from ..dispatch import resolve_backend
 from .reference import compress_reference
 
@@ -37,21 +38,30 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: in
 
 
 def _validate(kv, score, ape, ratio, overlap, previous) -> None:
-    if not isinstance(ratio, int) or ratio < 1:
-        raise ValueError(f"ratio must be a positive int, got {ratio!r}")
+    for name, value in (("kv", kv), ("score", score), ("ape", ape)):
+        check_tensor(name, value)
+    check_int("ratio", ratio, 1)
+    check_bool("overlap", overlap)
     if kv.dim() != 3 or not kv.is_floating_point():
         raise ValueError(f"kv must be a float [batch, seq, width] tensor, got {kv.dtype} {tuple(kv.shape)}")
     b, s, width = kv.shape
     if overlap and width % 2:
         raise ValueError(f"with overlap kv holds two halves of d features, got an odd width {width}")
-    if score.shape != kv.shape:
-        raise ValueError(f"score must be [{b}, {s}, {width}] like kv, got shape {tuple(score.shape)}")
-    if ape.shape != (ratio, width):
-        raise ValueError(f"ape must be [{ratio}, {width}] (ratio, width), got shape {tuple(ape.shape)}")
+    if score.shape != kv.shape or not score.is_floating_point():
+        raise ValueError(f"score must be a float [{b}, {s}, {width}] tensor like kv, got {score.dtype} "
+                         f"{tuple(score.shape)}")
+    if ape.shape != (ratio, width) or not ape.is_floating_point():
+        raise ValueError(f"ape must be a float [{ratio}, {width}] (ratio, width) tensor, got {ape.dtype} "
+                         f"{tuple(ape.shape)}")
+    check_same_device(kv=kv, score=score, ape=ape)
     if previous is not None:
         if not overlap:
             raise ValueError("previous is the block before the first entry, used only with overlap")
+        if not isinstance(previous, tuple | list) or len(previous) != 2:
+            raise TypeError(f"previous must be a (kv, score) pair of tensors, got {type(previous).__name__}")
         for name, part in zip(("kv", "score"), previous, strict=True):
-            if part.shape != (b, ratio, width):
-                raise ValueError(f"previous {name} must be [{b}, {ratio}, {width}], got shape "
-                                 f"{tuple(part.shape)}")
+            check_tensor(f"previous {name}", part)
+            if part.shape != (b, ratio, width) or not part.is_floating_point():
+                raise ValueError(f"previous {name} must be a float [{b}, {ratio}, {width}] tensor, got "
+                                 f"{part.dtype} {tuple(part.shape)}")
+            check_same_device(kv=kv, **{f"previous {name}": part})

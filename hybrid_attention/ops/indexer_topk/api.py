@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...checks import check_int, check_same_device, check_tensor
 from ..dispatch import resolve_backend
 from .common import FP4_BLOCK, FP4Keys
 from .reference import indexer_topk_reference
@@ -30,7 +31,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP
     """
     validate = not torch.compiler.is_compiling()
     if validate:
-        _validate(q, weights, keys, k, visible)
+        _validate(q, weights, keys, k, visible, query_block)
     b, s = q.shape[:2]
     n_keys = keys.shape[1]
     if visible is None:
@@ -46,7 +47,9 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
 
 
-def _validate(q, weights, keys, k, visible) -> None:
+def _validate(q, weights, keys, k, visible, query_block) -> None:
+    check_tensor("q", q)
+    check_tensor("weights", weights)
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, seq, index_heads, index_head_dim], got shape {tuple(q.shape)}")
     b, s, hi, di = q.shape
@@ -57,6 +60,8 @@ def _validate(q, weights, keys, k, visible) -> None:
                          f"{tuple(weights.shape)}")
     if isinstance(keys, FP4Keys):
         packed, exponents = keys.packed, keys.exponents
+        check_tensor("FP4Keys.packed", packed)
+        check_tensor("FP4Keys.exponents", exponents)
         if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.size(0) != b \
                 or 2 * packed.size(-1) != di:
             raise ValueError(f"FP4Keys.packed must be uint8 [{b}, t, {di // 2}], got {packed.dtype} "
@@ -65,15 +70,23 @@ def _validate(q, weights, keys, k, visible) -> None:
                 or tuple(exponents.shape) != (b, packed.size(1), di // FP4_BLOCK):
             raise ValueError(f"FP4Keys.exponents must be int8 [{b}, {packed.size(1)}, {di // FP4_BLOCK}] "
                              f"(one per {FP4_BLOCK} values), got {exponents.dtype} {tuple(exponents.shape)}")
-    elif not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.size(0) != b or keys.size(2) != di \
-            or keys.dtype != q.dtype:
-        shown = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        raise ValueError(f"keys must be [{b}, t, {di}] in {q.dtype} or FP4Keys, got {shown}")
-    if not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
+        check_same_device(q=q, weights=weights, **{"FP4Keys.packed": packed, "FP4Keys.exponents": exponents})
+    elif not isinstance(keys, torch.Tensor):
+        raise TypeError(f"keys must be a torch.Tensor or an FP4Keys, got {type(keys).__name__}")
+    elif keys.dim() != 3 or keys.size(0) != b or keys.size(2) != di or keys.dtype != q.dtype:
+        raise ValueError(f"keys must be [{b}, t, {di}] in {q.dtype} or FP4Keys, got {keys.dtype} "
+                         f"{tuple(keys.shape)}")
+    else:
+        check_same_device(q=q, weights=weights, keys=keys)
+    # k = 0 is allowed (lists of width 0): the layer asks for min(index_topk, visible entries).
+    check_int("k", k, 0)
+    if query_block is not None:
+        check_int("query_block", query_block, 1)
     if visible is not None:
+        check_tensor("visible", visible)
         if visible.dtype not in (torch.int32, torch.int64) or visible.shape not in ((s,), (b, s)):
             raise ValueError(f"visible must be int [{s}] or [{b}, {s}], got {visible.dtype} "
                              f"{tuple(visible.shape)}")
+        check_same_device(q=q, visible=visible)
         if not visible.is_cuda and visible.numel() and visible.min() < 0:  # no device sync on CUDA
             raise ValueError(f"visible counts must be >= 0, got {int(visible.min())}")

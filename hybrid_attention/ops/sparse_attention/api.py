@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...checks import check_int, check_positive_finite, check_same_device, check_tensor
 from ..dispatch import resolve_backend
 from .common import FP8_BLOCK, FP8KV
 from .reference import sparse_attention_reference
@@ -30,7 +31,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tens
     them would synchronise the device (on CUDA an index past the buffer is undefined behaviour).
     """
     if not torch.compiler.is_compiling():
-        _validate(q, kv, sink, indices, block_table)
+        _validate(q, kv, sink, indices, scale, query_block, block_table)
     backend = resolve_backend(backend, q)
     if backend == "triton":
         from .triton import sparse_attention_triton
@@ -40,25 +41,37 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tens
 
 
 def _validate(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tensor, indices: torch.Tensor,
-              block_table: torch.Tensor | None) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
+              scale: float, query_block: int, block_table: torch.Tensor | None) -> None:
+    check_tensor("q", q)
+    check_tensor("sink", sink)
+    check_tensor("indices", indices)
+    if block_table is not None:
+        check_tensor("block_table", block_table)
+    check_positive_finite("scale", scale)
+    check_int("query_block", query_block, 1)
+    if q.dim() != 4 or not q.is_floating_point():
+        raise ValueError(f"q must be a float [batch, seq, heads, head_dim] tensor, got {q.dtype} "
+                         f"{tuple(q.shape)}")
     b, s, h, d = q.shape
     check_values = not q.is_cuda  # reading index values would synchronise the device
     lead = "pages, page_size" if block_table is not None else f"{b}, rows"
     if isinstance(kv, FP8KV):
-        _validate_fp8(kv, d, lead)
+        _validate_fp8(q, kv, d, lead)
         rows_shape = kv.rows_shape
         if block_table is None and rows_shape[0] != b:
             raise ValueError(f"FP8KV holds rows of {rows_shape[0]} sequences, q has batch {b}")
     else:
         if not isinstance(kv, torch.Tensor):
-            raise ValueError(f"kv must be a tensor or an FP8KV, got {type(kv).__name__}")
+            raise TypeError(f"kv must be a torch.Tensor or an FP8KV, got {type(kv).__name__}")
         if kv.dim() != 3 or kv.size(2) != d or (block_table is None and kv.size(0) != b):
             raise ValueError(f"kv must be [{lead}, {d}], got shape {tuple(kv.shape)}")
+        if not kv.is_floating_point():
+            raise ValueError(f"kv must be a float tensor, got {kv.dtype}")
+        check_same_device(q=q, kv=kv)
         rows_shape = tuple(kv.shape[:2])
-    if sink.shape != (h,):
-        raise ValueError(f"sink must be [{h}], got shape {tuple(sink.shape)}")
+    if sink.shape != (h,) or not sink.is_floating_point():
+        raise ValueError(f"sink must be a float [{h}] tensor, got {sink.dtype} {tuple(sink.shape)}")
+    check_same_device(q=q, sink=sink, indices=indices, block_table=block_table)
     if indices.dim() != 3 or indices.shape[:2] != (b, s):
         raise ValueError(f"indices must be [{b}, {s}, k], got shape {tuple(indices.shape)}")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -80,8 +93,12 @@ def _validate(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tensor, ind
                          f"[{int(indices.min())}, {int(indices.max())}]")
 
 
-def _validate_fp8(kv: FP8KV, d: int, lead: str) -> None:
+def _validate_fp8(q: torch.Tensor, kv: FP8KV, d: int, lead: str) -> None:
     values, exponents, rope = kv.values, kv.exponents, kv.rope
+    check_tensor("FP8KV.values", values)
+    check_tensor("FP8KV.exponents", exponents)
+    if rope is not None:
+        check_tensor("FP8KV.rope", rope)
     if values.dtype != torch.float8_e4m3fn or values.dim() != 3:
         raise ValueError(f"FP8KV.values must be float8_e4m3fn [{lead}, d_nope], got {values.dtype} "
                          f"{tuple(values.shape)}")
@@ -96,3 +113,4 @@ def _validate_fp8(kv: FP8KV, d: int, lead: str) -> None:
         raise ValueError(f"FP8KV.rope must be [{lead}, d_rope], got shape {tuple(rope.shape)}")
     if d_nope + d_rope != d:
         raise ValueError(f"FP8KV rows have {d_nope} FP8 + {d_rope} rope dims, q has head_dim {d}")
+    check_same_device(q=q, **{"FP8KV.values": values, "FP8KV.exponents": exponents, "FP8KV.rope": rope})
