@@ -1096,11 +1096,14 @@ def _plot_argument(text: str) -> str:
     and its suffix, if any, be a format matplotlib writes."""
     path = Path(text)
     folder = path.parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(folder)!r} does not exist "
-                                         "(create it first)")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name such as plan.png")
+    try:
+        if not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(folder)!r} does not "
+                                             "exist (create it first)")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name such as plan.png")
+    except OSError as err:  # a name the file system refuses (too long, a loop of links)
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
     suffix = path.suffix.lower().lstrip(".")
     if suffix and suffix not in PLOT_FORMATS:
         raise argparse.ArgumentTypeError(f"cannot write a {suffix!r} image; use one of "
