@@ -26,6 +26,13 @@ def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def check_tensor(name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -46,7 +53,7 @@ def check_bool(name: str, value) -> None:
 def check_positive_finite(name: str, value) -> None:
     if not is_number(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 

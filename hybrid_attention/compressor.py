@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_bool, check_int, check_positive_finite, check_tensor
+from .config import QUANT_MODES
 from .modules import RMSNorm, linear
 from .quant import fake_quant_fp4, fake_quant_nope_fp8, hadamard_rotate
 from .rope import apply_rope
@@ -72,6 +74,14 @@ class Compressor(nn.Module):
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, rope_dim: int,
                  norm_eps: float, rotate: bool = False, hadamard: bool = True) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("head_dim", head_dim), ("ratio", ratio)):
+            check_int(name, value, 1)
+        check_int("rope_dim", rope_dim, 0)
+        if rope_dim > head_dim:
+            raise ValueError(f"rope_dim must not exceed head_dim={head_dim}, got {rope_dim}")
+        check_positive_finite("norm_eps", norm_eps)
+        for name, value in (("overlap", overlap), ("rotate", rotate), ("hadamard", hadamard)):
+            check_bool(name, value)
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
         self.rope_dim, self.rotate, self.hadamard = rope_dim, rotate, hadamard
         width = (2 if overlap else 1) * head_dim
@@ -86,6 +96,7 @@ class Compressor(nn.Module):
         return (2 if self.overlap else 1) * self.ratio
 
     def new_state(self, batch_size: int, device: torch.device | None = None) -> CompressorState:
+        check_int("batch_size", batch_size, 1)
         shape = (batch_size, self.n_slots, self.ape.size(1))
         return CompressorState(torch.zeros(shape, device=device),
                                torch.full(shape, float("-inf"), device=device))
@@ -97,6 +108,8 @@ class Compressor(nn.Module):
 
         A long chunk is pooled CHUNK_TOKENS at a time (pieces cut at block boundaries, the state
         carried between them), so the fp32 projections and slots stay cache-sized."""
+        if not torch.compiler.is_compiling():
+            self._check_input(x, start_pos, state, quant)
         r = self.ratio
         filled = start_pos % r
         step = max(1, CHUNK_TOKENS // r) * r
@@ -109,6 +122,21 @@ class Compressor(nn.Module):
         first_entry = (start_pos - filled) // r
         positions = (first_entry + torch.arange(pooled.size(1), device=x.device)) * r  # entry i sits at i*r
         return self._finish(pooled.to(x.dtype), positions, freqs, quant), state
+
+    def _check_input(self, x: torch.Tensor, start_pos: int, state: CompressorState, quant: str) -> None:
+        check_tensor("x", x)
+        if x.dim() != 3 or x.size(-1) != self.wkv.in_features or not x.is_floating_point():
+            raise ValueError(f"x must be a float [batch, seq, {self.wkv.in_features}] tensor, got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        check_int("start_pos", start_pos, 0)
+        if not isinstance(state, CompressorState):
+            raise TypeError(f"state must be a CompressorState (from new_state()), got {type(state).__name__}")
+        expected = (x.size(0), self.n_slots, self.ape.size(1))
+        if tuple(state.kv.shape) != expected or tuple(state.score.shape) != expected:
+            raise ValueError(f"state must hold kv and score of shape {expected}, got "
+                             f"{tuple(state.kv.shape)} and {tuple(state.score.shape)}")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
 
     def _pool(self, x: torch.Tensor, start_pos: int, state: CompressorState
               ) -> tuple[torch.Tensor, CompressorState]:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .checks import is_finite_number, is_int
+
 QUANT_MODES = ("none", "official", "official-torch-port")
 FULL = "full"
 _REQUIRED = object()
@@ -55,21 +57,6 @@ class ConfigError(ValueError):
     def __init__(self, owner: str, field_name: str, message: str) -> None:
         super().__init__(f"{owner}.{field_name}: {message}")
         self.field, self.message = field_name, message
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_finite_number(value: Any) -> bool:
-    try:
-        return _is_number(value) and math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 @dataclass
@@ -137,36 +124,36 @@ class AttentionConfig:
         # Types and ranges of single fields first, so the cross-field checks below can do arithmetic.
         for name in _POSITIVE_INT_FIELDS:
             value = getattr(self, name)
-            need(_is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
+            need(is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
         for name in ("hadamard", "fp8_gemm_inputs"):
             value = getattr(self, name)
             need(isinstance(value, bool), name, f"must be True or False, got {value!r}")
         for name in ("rope_theta", "compress_rope_theta"):
             # theta = 1 divides by log(theta) = 0 in the YaRN range; below 1 no rotary base makes sense.
             value = getattr(self, name)
-            need(_is_finite_number(value) and value > 1, name, f"must be a finite number > 1, got {value!r}")
-        need(_is_finite_number(self.rope_factor) and self.rope_factor >= 1, "rope_factor",
+            need(is_finite_number(value) and value > 1, name, f"must be a finite number > 1, got {value!r}")
+        need(is_finite_number(self.rope_factor) and self.rope_factor >= 1, "rope_factor",
              f"must be a finite number >= 1, got {self.rope_factor!r}")
         # The YaRN range takes log(original_seq_len / (2 pi beta)): both betas must be positive, and
         # beta_fast > beta_slow puts the blend's low end below its high end.
-        need(_is_finite_number(self.beta_slow) and self.beta_slow > 0, "beta_slow",
+        need(is_finite_number(self.beta_slow) and self.beta_slow > 0, "beta_slow",
              f"must be a positive finite number, got {self.beta_slow!r}")
-        need(_is_finite_number(self.beta_fast) and self.beta_fast > self.beta_slow, "beta_fast",
+        need(is_finite_number(self.beta_fast) and self.beta_fast > self.beta_slow, "beta_fast",
              f"must be a finite number > beta_slow={self.beta_slow}, got {self.beta_fast!r}")
         # 2**53: the largest length a float holds exactly (the YaRN range divides it as a float).
-        need(_is_int(self.original_seq_len) and 0 <= self.original_seq_len <= 2**53, "original_seq_len",
+        need(is_int(self.original_seq_len) and 0 <= self.original_seq_len <= 2**53, "original_seq_len",
              f"must be an integer in [0, 2**53] (0: no YaRN), got {self.original_seq_len!r}")
-        need(_is_finite_number(self.norm_eps) and self.norm_eps > 0, "norm_eps",
+        need(is_finite_number(self.norm_eps) and self.norm_eps > 0, "norm_eps",
              f"must be a positive finite number, got {self.norm_eps!r}")
         need(isinstance(self.quant, str) and self.quant in QUANT_MODES, "quant",
              f"must be one of {QUANT_MODES}, got {self.quant!r}")
-        need(_is_int(self.index_topk) and self.index_topk >= 1, "index_topk",
+        need(is_int(self.index_topk) and self.index_topk >= 1, "index_topk",
              f"must be a positive integer, got {self.index_topk!r}")
-        need(_is_int(self.csa_ratio) and self.csa_ratio > 1, "csa_ratio",
+        need(is_int(self.csa_ratio) and self.csa_ratio > 1, "csa_ratio",
              f"must be an integer > 1, got {self.csa_ratio!r}")
 
         need(self.head_dim % 2 == 0, "head_dim", f"must be even, got {self.head_dim}")
-        need(_is_int(self.rope_head_dim) and 0 < self.rope_head_dim <= self.head_dim
+        need(is_int(self.rope_head_dim) and 0 < self.rope_head_dim <= self.head_dim
              and self.rope_head_dim % 2 == 0, "rope_head_dim",
              f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_head_dim!r}")
         need(self.rope_head_dim <= self.index_head_dim, "rope_head_dim",
@@ -184,9 +171,9 @@ class AttentionConfig:
              f"(the FP8 block) when quant={self.quant!r}")
         need(len(self.compress_ratios) >= 1, "compress_ratios", "must list at least one layer")
         for i, ratio in enumerate(self.compress_ratios):
-            ok = ratio == FULL or (_is_int(ratio) and (ratio == 0 or ratio > 1))
+            ok = ratio == FULL or (is_int(ratio) and (ratio == 0 or ratio > 1))
             need(ok, "compress_ratios", f"entry {i} must be 0, an integer > 1 or 'full', got {ratio!r}")
-        need(_is_int(self.n_layers) and 1 <= self.n_layers <= len(self.compress_ratios),
+        need(is_int(self.n_layers) and 1 <= self.n_layers <= len(self.compress_ratios),
              "n_layers", f"must be an integer in [1, {len(self.compress_ratios)}], got {self.n_layers!r}")
 
     # Derived values -------------------------------------------------------------------------
@@ -201,7 +188,7 @@ class AttentionConfig:
 
     def layer_kind(self, layer_id: int) -> str:
         """"window", "csa", "hca" or "full" for layer `layer_id` (MTP blocks count after main layers)."""
-        if not _is_int(layer_id):
+        if not is_int(layer_id):
             raise TypeError(f"layer_id must be an int, got {layer_id!r}")
         if not 0 <= layer_id < len(self.compress_ratios):
             raise ValueError(f"layer_id {layer_id} is outside [0, {len(self.compress_ratios)})")
@@ -310,8 +297,8 @@ def _read_hf_config(path_or_dict: str | os.PathLike | dict) -> tuple[dict, str]:
 
 # What `_HFReader.get` accepts for each kind: (the words of the error, the test).
 _JSON_KINDS = {
-    int: ("an integer", _is_int),
-    float: ("a finite number", _is_finite_number),
+    int: ("an integer", is_int),
+    float: ("a finite number", is_finite_number),
     list: ("a list", lambda value: isinstance(value, list)),
     dict: ("an object", lambda value: isinstance(value, dict)),
 }
@@ -399,7 +386,7 @@ class ModelConfig:
                               f"must be an AttentionConfig, got {type(self.attention).__name__}")
         for name in ("vocab_size", "ffn_hidden"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError("ModelConfig", name, f"must be a positive integer, got {value!r}")
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_int, check_tensor
 from .compressor import Compressor
 from .config import AttentionConfig
 from .modules import Linear, linear
@@ -20,6 +21,8 @@ from .rope import apply_rope
 class Indexer(nn.Module):
     def __init__(self, cfg: AttentionConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if not isinstance(cfg, AttentionConfig):
+            raise TypeError(f"cfg must be an AttentionConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype,
@@ -87,6 +90,11 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     torch.topk leaves the order of equal values unspecified (and it differs between devices); here
     the set depends only on the numbers, so prefill and streaming pick the same entries (SPEC 12).
     """
+    check_tensor("scores", scores)
+    check_int("k", k, 1)
+    if scores.dim() == 0 or k > scores.size(-1):
+        raise ValueError(f"k={k} must not exceed the number of scores per row, got shape "
+                         f"{tuple(scores.shape)}")
     kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value, [.., 1]
     above = scores > kth
     tied = scores == kth

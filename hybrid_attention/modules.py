@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_bool, check_int, check_positive_finite
 from .quant import fake_quant_fp8
 
 
@@ -13,6 +14,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int("dim", dim, 1)
+        check_positive_finite("eps", eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
@@ -27,6 +30,9 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None,
                  fp8_inputs: bool = False) -> None:
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
+        check_bool("fp8_inputs", fp8_inputs)
         super().__init__(in_features, out_features, bias=False, dtype=dtype)
         self.fp8_inputs = fp8_inputs and in_features % 128 == 0
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .checks import check_int, check_tensor
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP8_MIN_AMAX = 1e-4
@@ -36,6 +38,10 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    check_tensor("x", x)
+    check_int("block", block, 1)
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor with a last dim, got {x.dtype} {tuple(x.shape)}")
     if x.size(-1) % block:
         raise ValueError(f"last dim {x.size(-1)} is not a multiple of the block size {block}")
     return x.float().unflatten(-1, (-1, block))
@@ -59,7 +65,19 @@ def quantize_fp8(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.
     return values, exponents.to(torch.int8)
 
 
+def _check_scales(name: str, values: torch.Tensor, exponents: torch.Tensor, per_byte: int) -> None:
+    """exponents [..., m] beside values [..., n] (`per_byte` codes a byte): m >= 1 dividing n * per_byte."""
+    check_tensor(name, values)
+    check_tensor("exponents", exponents)
+    width = values.size(-1) * per_byte if values.dim() else 0
+    if values.dim() == 0 or exponents.shape[:-1] != values.shape[:-1] or exponents.size(-1) < 1 \
+            or width % exponents.size(-1):
+        raise ValueError(f"exponents must be [..., m] beside {name} {tuple(values.shape)}, one per block of "
+                         f"{width} // m values, got shape {tuple(exponents.shape)}")
+
+
 def dequantize_fp8(values: torch.Tensor, exponents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_scales("values", values, exponents, 1)
     block = values.size(-1) // exponents.size(-1)
     scaled = values.float().unflatten(-1, (-1, block)) * pow2(exponents.to(torch.int32))[..., None]
     return scaled.flatten(-2).to(dtype)
@@ -97,6 +115,7 @@ def quantize_fp4(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.
 
 
 def dequantize_fp4(packed: torch.Tensor, exponents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_scales("packed", packed, exponents, 2)
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
     block = codes.size(-1) // exponents.size(-1)
     values = fp4_values(codes).unflatten(-1, (-1, block)) * pow2(exponents.to(torch.int32))[..., None]
@@ -110,6 +129,10 @@ def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 def fake_quant_nope_fp8(kv: torch.Tensor, rope_dim: int, block: int = 64) -> torch.Tensor:
     """FakeQ8 on the non-rope dims of a KV entry; the rope dims stay as they are (SPEC 3.3)."""
+    check_tensor("kv", kv)
+    check_int("rope_dim", rope_dim, 0)
+    if kv.dim() == 0 or rope_dim > kv.size(-1):
+        raise ValueError(f"rope_dim={rope_dim} exceeds the width of kv {tuple(kv.shape)}")
     nope = kv.size(-1) - rope_dim
     return torch.cat((fake_quant_fp8(kv[..., :nope], block), kv[..., nope:]), dim=-1)
 
@@ -117,7 +140,8 @@ def fake_quant_nope_fp8(kv: torch.Tensor, rope_dim: int, block: int = 64) -> tor
 @functools.lru_cache(maxsize=8)
 def hadamard_matrix(n: int) -> torch.Tensor:
     """Sylvester-ordered +-1 Walsh-Hadamard matrix H[i, j] = (-1)^popcount(i & j), fp32."""
-    if n < 1 or n & (n - 1):
+    check_int("n", n, 1)
+    if n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
     h = torch.ones(1, 1)
     while h.size(0) < n:
@@ -127,6 +151,9 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """(x @ H_n) / sqrt(n) over the last dim, in fp32, rounded once to x.dtype (SPEC 6)."""
+    check_tensor("x", x)
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor with a last dim, got {x.dtype} {tuple(x.shape)}")
     n = x.size(-1)
     h = hadamard_matrix(n).to(x.device)
     return ((x.float() @ h) * (1.0 / math.sqrt(n))).to(x.dtype)
@@ -134,6 +161,11 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
     """W[o, i] * scale[o // block, i // block] in fp32 (checkpoint FP8 weights, ue8m0 scales)."""
+    check_tensor("weight", weight)
+    check_tensor("scale", scale)
+    check_int("block", block, 1)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     expected = (math.ceil(out_features / block), math.ceil(in_features / block))
     if tuple(scale.shape) != expected:

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int, check_positive_finite, check_tensor
 from .config import AttentionConfig, yarn_correction_range
 
 
 def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
                      beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
     """fp32 frequencies [rope_dim/2]; YaRN-blended when original_seq_len > 0."""
+    check_int("rope_dim", rope_dim, 2)
+    if rope_dim % 2:
+        raise ValueError(f"rope_dim must be even (pairs of dims rotate together), got {rope_dim}")
+    check_positive_finite("theta", theta)
+    check_int("original_seq_len", original_seq_len, 0)
+    if original_seq_len > 0:
+        if theta <= 1:  # the YaRN range divides by log(theta)
+            raise ValueError(f"theta must be > 1 with YaRN (original_seq_len > 0), got {theta!r}")
+        for name, value in (("factor", factor), ("beta_fast", beta_fast), ("beta_slow", beta_slow)):
+            check_positive_finite(name, value)
     exponents = torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim
     freqs = 1.0 / (theta ** exponents)  # a power, then a reciprocal, in fp32
     if original_seq_len > 0:
@@ -40,6 +51,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     x: [b, s, ..., d] with the tokens on axis 1 (any head axes between); positions [s] or [b, s].
     Math in fp32, result in x.dtype. `inverse` rotates by -angle (de-rotation).
     """
+    if not torch.compiler.is_compiling():
+        _check_rope_args(x, positions, freqs)
     rope_dim = 2 * freqs.numel()
     angles = positions.to(torch.float32)[..., None] * freqs.to(positions.device)  # [.., s, rd/2]
     extra = x.dim() - 3  # head axes between the token axis and the feature axis
@@ -54,3 +67,16 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     pairs = torch.view_as_complex(out[..., -rope_dim:].unflatten(-1, (-1, 2)))
     out[..., -rope_dim:] = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     return out.to(x.dtype)
+
+
+def _check_rope_args(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> None:
+    for name, value in (("x", x), ("positions", positions), ("freqs", freqs)):
+        check_tensor(name, value)
+    if x.dim() < 3 or not x.is_floating_point():
+        raise ValueError(f"x must be a float [b, s, ..., d] tensor, got {x.dtype} {tuple(x.shape)}")
+    if freqs.dim() != 1 or 2 * freqs.numel() > x.size(-1):
+        raise ValueError(f"freqs must be [rope_dim / 2] with rope_dim <= {x.size(-1)} (the width of x), "
+                         f"got shape {tuple(freqs.shape)}")
+    if positions.dim() not in (1, 2) or positions.size(-1) != x.size(1):
+        raise ValueError(f"positions must be [{x.size(1)}] or [b, {x.size(1)}] (one per token of x), "
+                         f"got shape {tuple(positions.shape)}")
