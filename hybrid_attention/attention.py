@@ -24,6 +24,8 @@ from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, 
 from .modules import Linear, RMSNorm, head_rms_normalize
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
+from .ops.indexer_loss import indexer_loss
+from .ops.joint_attention import joint_attention
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
@@ -183,6 +185,9 @@ class HybridAttention(nn.Module):
         if kernels:
             y, aux = self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
                                           head_weights)
+        elif self.kind != "full" and torch.is_grad_enabled() and qr.requires_grad:
+            y, aux = self._attend_train(qr, keys, positions, freqs, compressed, index_keys, head_weights,
+                                        return_aux, dense_csa)
         else:
             y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
                                   head_weights, return_aux, dense_csa)
@@ -295,6 +300,52 @@ class HybridAttention(nn.Module):
             aux["indexer_loss"] = _mean_loss(losses, qr)
         return y, aux
 
+    def _attend_train(self, qr, keys, positions, freqs, compressed, index_keys, head_weights, return_aux,
+                      dense_csa):
+        """The training path (autograd on): the ops whose backward works a query block at a time.
+
+        Queries for the whole chunk, the indexer's picks (no gradient: a discrete choice) a block
+        at a time, then `joint_attention` (window + compressed entries + sink) and, for the
+        indexer, `indexer_loss` against the attention's own share of each pick (the teacher).
+        Equal to the blocked inference path, which autograd would have to slice and stitch.
+        dense_csa: attention over every visible entry, and the indexer loss over all of them."""
+        b, s = qr.shape[:2]
+        win, start = self.cfg.window_size, int(positions[0])
+        q = self._queries(qr, positions, freqs)  # [b, s, h, d]
+        entries = _dense(compressed) if compressed is not None else None
+        qi = picks = None
+        if self.kind == "csa":
+            qi = self.indexer.queries(qr.detach(), positions, freqs)  # [b, s, hi, di]
+        if self.kind == "csa" and dense_csa:
+            if return_aux:  # the loss's "picks": every entry, -1 where a query cannot see it yet
+                entry = torch.arange(entries.size(1), device=qr.device)
+                visible = visible_entries(positions, self.ratio)[:, None]
+                picks = torch.where(entry < visible, entry, -1).expand(b, s, -1)
+        elif self.kind == "csa":
+            picks = qr.new_full((b, s, min(self.cfg.index_topk, entries.size(1))), -1, dtype=torch.long)
+            block = self.cfg.query_block_size
+            for a in range(0, s, block):
+                e = min(s, a + block)
+                chosen = self._pick_entries(qi[:, a:e], head_weights[:, a:e], index_keys, positions[a:e])
+                picks[:, a:e, :chosen.size(-1)] = chosen
+        o, teacher = joint_attention(q, keys, self.attn_sink, self.scale, win, start, entries, self.ratio,
+                                     None if dense_csa else picks,
+                                     want_teacher=return_aux and picks is not None)
+        y = self._output(apply_rope(o.to(qr.dtype), positions, freqs, inverse=True))
+        attended = float((positions + 1).clamp_max(win).sum()) * b
+        if self.kind == "csa" and not dense_csa:
+            attended += float((picks >= 0).sum())
+        elif entries is not None:
+            attended += float(visible_entries(positions, self.ratio).sum()) * b
+        aux = {"attended_keys": attended / (b * s)}
+        if return_aux:
+            if picks is not None:
+                total, count = indexer_loss(qi, head_weights, index_keys, picks.contiguous(), teacher)
+                aux["indexer_loss"] = total / count.clamp_min(1)
+            else:
+                aux["indexer_loss"] = _mean_loss([], qr)
+        return y, aux
+
     def _pick_entries(self, qi, head_weights, index_keys, pos):
         """The indexer's top-k entry ids [b, n, k] (int64, -1 = none) for queries at positions pos."""
         visible = visible_entries(pos, self.ratio)  # [n]
@@ -363,7 +414,9 @@ class HybridAttention(nn.Module):
                 out = out + p @ v.float()
         loss = None
         if return_aux and self.kind == "csa":
-            entry_probs = probs[..., -scores[-1].size(-1):]  # joint softmax, compressed part
+            # The joint softmax's compressed part (counted from the front: with no entry yet its
+            # width is 0, and a slice [-0:] would take every column).
+            entry_probs = probs[..., probs.size(-1) - scores[-1].size(-1):]
             loss = self._indexer_loss_terms(entry_probs, qi, head_weights, block_keys, picks, visible)
         return out, attended, loss
 

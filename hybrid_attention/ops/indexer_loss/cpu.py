@@ -49,6 +49,9 @@ class IndexerLoss(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def forward(ctx, qi, weights, keys, picks, teacher):
+        ctx.dtypes = (qi.dtype, weights.dtype, keys.dtype)
+        acc = torch.float64 if qi.dtype == torch.float64 else torch.float32  # bf16 accumulates in fp32
+        qi, weights, keys, teacher = (t.to(acc) for t in (qi, weights, keys, teacher))
         total = qi.new_zeros(())
         count = 0
         for a in range(0, qi.size(1), QUERY_BLOCK):
@@ -71,6 +74,7 @@ class IndexerLoss(torch.autograd.Function):
         dqi = torch.empty_like(qi)
         dweights = torch.empty_like(weights)
         dkeys = torch.zeros_like(keys)
+        grad_total = grad_total.to(qi.dtype)
         for a in range(0, qi.size(1), QUERY_BLOCK):
             e = min(qi.size(1), a + QUERY_BLOCK)
             flat, valid, chosen, u, w, student, target, counted = _block(qi, weights, keys, picks,
@@ -82,7 +86,8 @@ class IndexerLoss(torch.autograd.Function):
             dqi[:, a:e] = du @ chosen
             d_chosen = du.transpose(-1, -2) @ qi[:, a:e]  # [b, n, k, di]
             dkeys.view(-1, keys.size(-1)).index_add_(0, flat, d_chosen.reshape(-1, keys.size(-1)))
-        return dqi, dweights, dkeys, None, None
+        return (*(grad.to(dtype) for grad, dtype in zip((dqi, dweights, dkeys), ctx.dtypes, strict=True)),
+                None, None)
 
 
 def indexer_loss_cpu(qi, weights, keys, picks, teacher):

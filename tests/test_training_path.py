@@ -1,0 +1,113 @@
+"""The layer's training path (`HybridAttention._attend_train`: joint_attention + indexer_loss, whose
+backward works a query block at a time) against two other constructions through plain autograd:
+the same wiring on the SPEC 4 reference ops (flat row lists, `*_reference`), and the blocked
+inference path (`_attend`). Outputs, the indexer loss, and the gradients of x and of every
+parameter, for every kind, batch 2, lengths off the ratios, a chunk that continues a state,
+dense CSA, and top-k smaller than the visible entries."""
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close, layer_of_kind
+
+from hybrid_attention import AttentionConfig, attention
+from hybrid_attention.ops.indexer_loss import indexer_loss_reference
+from hybrid_attention.ops.joint_attention import cpu, joint_attention_reference
+
+TINY = AttentionConfig.preset("tiny")  # window 8, CSA ratio 4 with top-k 4, HCA ratio 8
+
+
+def reference_ops(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher):
+    return joint_attention_reference(q, kv, sink, scale, window_size, start, compressed, ratio, picks)
+
+
+def step(layer, x, prefix, dense_csa, dtype=torch.float32):
+    """Loss <y, g> + indexer loss of a chunk x after `prefix` (streamed without gradients)."""
+    layer.zero_grad(set_to_none=True)
+    state = None
+    if prefix is not None:
+        state = layer.new_state(x.size(0))
+        with torch.no_grad():
+            layer(prefix, state=state)
+    x = x.detach().clone().requires_grad_(True)
+    y, aux = layer(x, state=state, return_aux=True, dense_csa=dense_csa)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
+    ((y * g).sum() + aux["indexer_loss"]).backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return y.detach(), aux["indexer_loss"].detach(), x.grad, grads
+
+
+CASES = [pytest.param(kind, s, prefix, dense, id=f"{kind}-T{s}" + (f"-after{prefix}" if prefix else "")
+                      + ("-dense" if dense else ""))
+         for kind, s, prefix, dense in [("csa", 37, 0, False), ("csa", 23, 19, False), ("csa", 37, 0, True),
+                                        ("csa", 21, 30, True), ("hca", 37, 0, False), ("hca", 29, 13, False),
+                                        ("window", 37, 0, False), ("window", 17, 11, False)]]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)
+
+
+@pytest.mark.parametrize("kind, s, prefix_len, dense", CASES)
+def test_training_path_equals_the_reference_ops_and_the_inference_path(kind, s, prefix_len, dense,
+                                                                        monkeypatch):
+    layer = layer_of_kind(TINY, kind)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, s, TINY.dim, generator=gen)
+    prefix = torch.randn(2, prefix_len, TINY.dim, generator=gen) if prefix_len else None
+    fast = step(layer, x, prefix, dense)
+    with monkeypatch.context() as patch:
+        patch.setattr(attention, "joint_attention", reference_ops)
+        patch.setattr(attention, "indexer_loss", indexer_loss_reference)
+        oracle = step(layer, x, prefix, dense)
+    with monkeypatch.context() as patch:  # the blocked inference path, through autograd
+        patch.setattr(attention.HybridAttention, "_attend_train", blocked_inference_path)
+        blocked = step(layer, x, prefix, dense)
+    for other in (oracle, blocked):
+        assert_close("y", other[0], fast[0])
+        assert_close("indexer loss", other[1], fast[1])
+        assert_close("dx", other[2], fast[2])
+        for name, grad in other[3].items():
+            if grad is None:
+                assert fast[3][name] is None, name
+            else:
+                assert_close(name, grad, fast[3][name])
+    if kind == "csa":
+        assert float(fast[1]) > 0 and any(n.startswith("indexer.") and g is not None
+                                          for n, g in fast[3].items())
+
+
+def blocked_inference_path(self, qr, keys, positions, *rest):
+    context = keys.size(1) - qr.size(1)  # rows before the chunk's own
+    return self._attend(qr, keys, context, positions, *rest)
+
+
+def test_top_k_is_smaller_than_the_visible_entries():
+    layer = layer_of_kind(TINY, "csa")
+    with torch.enable_grad():
+        _, aux = layer(torch.randn(1, 64, TINY.dim, requires_grad=True), return_aux=True)
+    # 64 tokens: 16 entries visible at the end, top-k 4 plus the window of 8
+    assert aux["attended_keys"] < 8 + TINY.index_topk
+
+
+def test_bf16_gradients_are_within_the_fp64_anchored_bound():
+    layer = layer_of_kind(TINY, "csa")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 37, TINY.dim, generator=gen)
+    exact = step(copy.deepcopy(layer).double(), x.double(), None, False)
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    fast = step(low, x.bfloat16(), None, False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "joint_attention", reference_ops)
+        patch.setattr(attention, "indexer_loss", indexer_loss_reference)
+        ref = step(low, x.bfloat16(), None, False)
+
+    def err(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+    assert err(fast[2], exact[2]) <= err(ref[2], exact[2]) + 2e-2
+    for name, grad in exact[3].items():
+        if grad is not None and fast[3][name] is not None:
+            assert err(fast[3][name], grad) <= err(ref[3][name], grad) + 2e-2, name
