@@ -1,8 +1,9 @@
-"""Argument checks shared by the ops' api.py files, the layer and the model.
+"""Argument checks shared by the ops' api.py files, the layer, the model and the helpers.
 
 Each names the argument and the value it got. A value of the wrong Python type (not a tensor, a
 bool or a float where an int belongs) raises TypeError; a value of the right type that is out of
-range raises ValueError.
+range raises ValueError. (config.py uses the `is_*` tests but raises ValueError for both: a config
+field of the wrong type is a bad value read from a file or a command line.)
 """
 
 from __future__ import annotations
