@@ -84,6 +84,14 @@ def blocked_inference_path(self, qr, keys, positions, *rest):
     return self._attend(qr, keys, context, positions, *rest)
 
 
+def test_a_chunk_shorter_than_the_ratio_has_no_entries_and_still_trains():
+    layer = layer_of_kind(TINY, "csa")
+    x = torch.randn(2, 3, TINY.dim, requires_grad=True)  # 3 tokens: no compressed entry yet
+    y, aux = layer(x, return_aux=True)
+    (y.sum() + aux["indexer_loss"]).backward()
+    assert float(aux["indexer_loss"].detach()) == 0 and x.grad.abs().sum() > 0
+
+
 def test_top_k_is_smaller_than_the_visible_entries():
     layer = layer_of_kind(TINY, "csa")
     with torch.enable_grad():

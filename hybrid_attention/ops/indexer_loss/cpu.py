@@ -22,7 +22,8 @@ def _block(qi, weights, keys, picks, teacher, a, e):
     ids = picks[:, a:e]  # [b, n, k]
     valid = ids >= 0
     flat = (ids.clamp_min(0) + torch.arange(b)[:, None, None] * keys.size(1)).reshape(-1)
-    chosen = keys.reshape(-1, keys.size(-1)).index_select(0, flat).view(*ids.shape, -1)  # [b, n, k, di]
+    di = keys.size(-1)
+    chosen = keys.reshape(-1, di).index_select(0, flat).view(*ids.shape, di)  # [b, n, k, di]
     u = qi[:, a:e] @ chosen.transpose(-1, -2)  # [b, n, hi, k]
     w = weights[:, a:e, :, None]  # [b, n, hi, 1]
     student = (torch.relu(u) * w).sum(2).masked_fill(~valid, float("-inf"))  # [b, n, k]
