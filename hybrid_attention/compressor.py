@@ -113,6 +113,8 @@ class Compressor(nn.Module):
         r = self.ratio
         filled = start_pos % r
         step = max(1, CHUNK_TOKENS // r) * r
+        if self._trains(x):  # autograd would slice and stitch the pieces: pool the chunk at once
+            step = x.size(1) + r
         pooled, a = [], 0
         for e in [*range(step - filled, x.size(1), step), x.size(1)]:
             piece, state = self._pool(x[:, a:e], start_pos + a, state)
@@ -122,6 +124,9 @@ class Compressor(nn.Module):
         first_entry = (start_pos - filled) // r
         positions = (first_entry + torch.arange(pooled.size(1), device=x.device)) * r  # entry i sits at i*r
         return self._finish(pooled.to(x.dtype), positions, freqs, quant), state
+
+    def _trains(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.wkv.weight.requires_grad)
 
     def _check_input(self, x: torch.Tensor, start_pos: int, state: CompressorState, quant: str) -> None:
         check_tensor("x", x)
@@ -144,9 +149,14 @@ class Compressor(nn.Module):
         s = x.size(1)
         r, d = self.ratio, self.head_dim
         xf = x.float()
-        kv = linear(xf, self.wkv.weight.float())  # [b, s, c*d]
         slot = torch.arange(start_pos, start_pos + s, device=x.device) % r
-        score = linear(xf, self.wgate.weight.float()).add_(self.ape.float()[slot])
+        if self._trains(x):  # one GEMM for both projections, and one for their input gradient
+            both = linear(xf, torch.cat((self.wkv.weight, self.wgate.weight)).float())
+            kv, score = both.split(self.wkv.out_features, dim=-1)
+            score = score + self.ape.float()[slot]
+        else:
+            kv = linear(xf, self.wkv.weight.float())  # [b, s, c*d]
+            score = linear(xf, self.wgate.weight.float()).add_(self.ape.float()[slot])
 
         # Rows from the start of the unfinished block, then the new ones.
         filled = start_pos % r
