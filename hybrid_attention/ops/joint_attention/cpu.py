@@ -75,12 +75,22 @@ class _Block:
             z = qs @ self.picked.transpose(-1, -2)  # [b, n, h, k]
             self.z_entries = z.masked_fill_((ids < 0)[:, :, None], float("-inf"))
 
-    def log_normalizer(self, sink: torch.Tensor) -> torch.Tensor:
-        """log(sum_j e^z_j + e^sink) per (query, head): [b, n, h]."""
-        lse = torch.logaddexp(torch.logsumexp(self.z_window, -1), sink)
+    def softmax(self, sink: torch.Tensor):
+        """The joint softmax: (P_window, P_entries, log-sum-exp [b, n, h]), in one exp pass. The
+        max is finite: every query's window holds its own row."""
+        m = self.z_window.amax(-1, keepdim=True)  # [b, n, h, 1]
         if self.z_entries is not None and self.z_entries.size(-1):
-            lse = torch.logaddexp(lse, torch.logsumexp(self.z_entries, -1))
-        return lse
+            m = torch.maximum(m, self.z_entries.amax(-1, keepdim=True))
+        m = torch.maximum(m, sink[:, None])
+        p_window = torch.exp(self.z_window - m)
+        denom = p_window.sum(-1, keepdim=True) + torch.exp(sink[:, None] - m)
+        p_entries = None
+        if self.z_entries is not None:
+            p_entries = torch.exp(self.z_entries - m)
+            denom += p_entries.sum(-1, keepdim=True)
+            p_entries /= denom
+        p_window /= denom
+        return p_window, p_entries, (m + torch.log(denom))[..., 0]
 
     def probabilities(self, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         p_window = torch.exp(self.z_window - lse[..., None])  # zero outside the band
@@ -118,8 +128,7 @@ class JointAttention(torch.autograd.Function):
         for a in range(0, s, QUERY_BLOCK):
             e = min(s, a + QUERY_BLOCK)
             blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, window_size, ratio)
-            lse[:, a:e] = blk.log_normalizer(sink_acc)
-            p_window, p_entries = blk.probabilities(lse[:, a:e])
+            p_window, p_entries, lse[:, a:e] = blk.softmax(sink_acc)
             out[:, a:e] = blk.weighted_sum(p_window, p_entries)
             if teacher is not None:
                 teacher[:, a:e, :p_entries.size(-1)] = p_entries.sum(2)
