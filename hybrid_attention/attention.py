@@ -350,9 +350,11 @@ class HybridAttention(nn.Module):
         """The indexer's top-k entry ids [b, n, k] (int64, -1 = none) for queries at positions pos."""
         visible = visible_entries(pos, self.ratio)  # [n]
         n_visible = int(visible[-1])  # no query of the block sees past its last query's entries
+        keys = index_keys[:, :n_visible]
+        if isinstance(keys, torch.Tensor) and qi.dtype != keys.dtype:  # autocast: bf16 q, fp32 keys
+            qi, head_weights = qi.to(keys.dtype), head_weights.to(keys.dtype)
         with torch.no_grad():
-            return indexer_topk(qi, head_weights, index_keys[:, :n_visible],
-                                min(self.cfg.index_topk, n_visible), visible).long()
+            return indexer_topk(qi, head_weights, keys, min(self.cfg.index_topk, n_visible), visible).long()
 
     def _attend_block(self, q, pos, keys, windows, a, e, compressed, index_keys, qi, head_weights,
                       picks, return_aux, dense_csa):

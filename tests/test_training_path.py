@@ -119,3 +119,49 @@ def test_bf16_gradients_are_within_the_fp64_anchored_bound():
     for name, grad in exact[3].items():
         if grad is not None and fast[3][name] is not None:
             assert err(fast[3][name], grad) <= err(ref[3][name], grad) + 2e-2, name
+
+
+def test_bf16_autocast_training_is_within_the_fp64_anchored_bound():
+    """fp32 master weights, bf16 autocast: the gradients' error against fp64 is no larger than
+    that of the same step through the reference ops under autocast (plus bf16 noise)."""
+    layer = layer_of_kind(TINY, "csa")
+    x = torch.randn(2, 37, TINY.dim, generator=torch.Generator().manual_seed(4))
+    exact = step(copy.deepcopy(layer).double(), x.double(), None, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = step(layer, x, None, False)
+    with pytest.MonkeyPatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+        patch.setattr(attention, "joint_attention", reference_ops)
+        patch.setattr(attention, "indexer_loss", indexer_loss_reference)
+        ref = step(layer, x, None, False)
+
+    def err(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+    assert all(g is None or g.dtype == torch.float32 for g in fast[3].values())  # fp32 master grads
+    assert err(fast[2], exact[2]) <= err(ref[2], exact[2]) + 2e-2
+    for name, grad in exact[3].items():
+        if grad is not None:
+            assert err(fast[3][name], grad) <= err(ref[3][name], grad) + 2e-2, name
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca", "window"])
+def test_activation_checkpointing_gives_the_same_gradients(kind):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = layer_of_kind(TINY, kind)
+    x = torch.randn(2, 29, TINY.dim, generator=torch.Generator().manual_seed(5))
+    plain = step(layer, x, None, False)
+
+    def checkpointed(x, **kwargs):
+        return checkpoint(lambda t: layer(t, **kwargs), x, use_reentrant=False)
+
+    layer.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    y, aux = checkpointed(leaf, return_aux=True)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    ((y * g).sum() + aux["indexer_loss"]).backward()
+    assert torch.equal(leaf.grad, plain[2])
+    for name, p in layer.named_parameters():
+        assert (p.grad is None) == (plain[3][name] is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, plain[3][name]), name
