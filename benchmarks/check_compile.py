@@ -21,6 +21,30 @@ import torch
 from hybrid_attention import AttentionConfig, HybridAttention
 
 
+def compare(layer: HybridAttention, x: torch.Tensor) -> tuple[float, float, float, bool]:
+    """(seconds to compile and run, loss difference, worst relative gradient difference, equal)."""
+
+    def loss(x):
+        y, aux = layer(x, return_aux=True)
+        return y.square().mean() + aux["indexer_loss"]
+
+    def grads(fn):
+        layer.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        value = fn(leaf)
+        value.backward()
+        return value.detach(), [leaf.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+
+    eager_loss, eager = grads(loss)
+    start = time.perf_counter()
+    compiled_loss, compiled = grads(torch.compile(loss))
+    seconds = time.perf_counter() - start
+    worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                for a, b in zip(eager, compiled, strict=True))
+    ok = len(eager) == len(compiled) and worst <= 1e-5
+    return seconds, float((eager_loss - compiled_loss).abs()), worst, ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", nargs="+", default=["window", "hca", "csa"],
@@ -33,30 +57,10 @@ def main(argv=None) -> int:
     for kind in args.kinds:
         torch.manual_seed(0)
         layer = HybridAttention(cfg, next(i for i in range(cfg.n_total_layers) if cfg.layer_kind(i) == kind))
-        x = torch.randn(2, args.length, cfg.dim)
-
-        def loss(x):
-            y, aux = layer(x, return_aux=True)
-            return y.square().mean() + aux["indexer_loss"]
-
-        def grads(fn):
-            layer.zero_grad(set_to_none=True)
-            leaf = x.clone().requires_grad_(True)
-            value = fn(leaf)
-            value.backward()
-            return value.detach(), [leaf.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
-
-        eager_loss, eager = grads(loss)
-        start = time.perf_counter()
-        compiled_loss, compiled = grads(torch.compile(loss))
-        seconds = time.perf_counter() - start
-        worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-                    for a, b in zip(eager, compiled, strict=True))
-        ok = len(eager) == len(compiled) and worst <= 1e-5
+        seconds, loss_diff, worst, ok = compare(layer, torch.randn(2, args.length, cfg.dim))
         failures += not ok
-        print(f"{kind:>7}: compiled in {seconds:.0f} s, loss difference "
-              f"{float((eager_loss - compiled_loss).abs()):.1e}, worst relative gradient difference "
-              f"{worst:.1e}: {'equal' if ok else 'DIFFERENT'}")
+        print(f"{kind:>7}: compiled in {seconds:.0f} s, loss difference {loss_diff:.1e}, worst relative "
+              f"gradient difference {worst:.1e}: {'equal' if ok else 'DIFFERENT'}")
     return 1 if failures else 0
 
 
