@@ -22,13 +22,13 @@ median at the same length.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from bench_prefill import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 from hybrid_attention import HybridAttention
 from hybrid_attention.demo import KINDS, PeakMemory, demo_config
@@ -38,17 +38,6 @@ QUICK_LENGTHS = (512, 1024)
 TRAIN_KINDS = ("csa", "hca", "window")
 DENSE = "dense SDPA"
 MB = 1 << 20
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def dense_step(n_heads: int, head_dim: int, seq_len: int):

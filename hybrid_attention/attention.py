@@ -25,6 +25,7 @@ from .modules import Linear, RMSNorm, head_rms_normalize
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
+from .ops.indexer_loss.reference import kl_to_teacher
 from .ops.joint_attention import joint_attention
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
@@ -668,15 +669,8 @@ def indexer_kl_loss(entry_probs: torch.Tensor, student_scores: torch.Tensor,
     the entries (so heads that give compressed entries more mass weigh more), detached.
     student_scores [b, n, k]: indexer scores of the same entries; valid [b, n, k] marks real ones.
     """
-    teacher = entry_probs.detach().sum(dim=2).masked_fill(~valid, 0)  # [b, n, k]
-    mass = teacher.sum(-1, keepdim=True)
-    counted = (mass[..., 0] > 0) & valid.any(-1)
-    teacher = teacher / mass.clamp_min(torch.finfo(teacher.dtype).tiny)
-    log_student = student_scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
-    log_student = torch.where(valid, log_student, torch.zeros_like(log_student))
-    log_teacher = torch.where(teacher > 0, teacher.log(), torch.zeros_like(teacher))
-    kl = (teacher * (log_teacher - log_student)).sum(-1)  # [b, n]
-    return (kl * counted).sum(), int(counted.sum())
+    total, counted = kl_to_teacher(entry_probs.detach().sum(dim=2), student_scores, valid)
+    return total, int(counted)
 
 
 def sink_softmax_fused(segments: list[torch.Tensor], sink: torch.Tensor) -> torch.Tensor:

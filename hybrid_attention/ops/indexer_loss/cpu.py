@@ -9,9 +9,9 @@ d loss / d student = S - T; through student = sum_h w_h relu(u_h), u_h = qi_h . 
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ..autocast import without_autocast
 
 QUERY_BLOCK = 256
 
@@ -34,21 +34,9 @@ def _block(qi, weights, keys, picks, teacher, a, e):
     return flat, valid, chosen, u, w, student, target, counted
 
 
-
-def _without_autocast(method):
-    """Run a Function's forward / backward with autocast off: it accumulates in fp32 whatever the
-    input dtype (bf16 under `torch.autocast` included) and casts its results back itself."""
-
-    @functools.wraps(method)
-    def wrapped(ctx, *args):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return method(ctx, *args)
-
-    return wrapped
-
 class IndexerLoss(torch.autograd.Function):
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def forward(ctx, qi, weights, keys, picks, teacher):
         ctx.dtypes = (qi.dtype, weights.dtype, keys.dtype)
         acc = torch.float64 if qi.dtype == torch.float64 else torch.float32  # bf16 accumulates in fp32
@@ -69,7 +57,7 @@ class IndexerLoss(torch.autograd.Function):
         return total, count
 
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def backward(ctx, grad_total, grad_count):
         qi, weights, keys, picks, teacher = ctx.saved_tensors
         dqi = torch.empty_like(qi)

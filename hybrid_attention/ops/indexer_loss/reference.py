@@ -22,6 +22,14 @@ def indexer_loss_reference(qi: torch.Tensor, weights: torch.Tensor, keys: torch.
     chosen = keys.reshape(-1, keys.size(-1)).index_select(0, flat).view(b, s, k, -1)  # [b, s, k, di]
     per_head = torch.relu(torch.einsum("bshd,bskd->bshk", qi, chosen))
     student = (per_head * weights[..., None]).sum(dim=2)  # [b, s, k]
+    return kl_to_teacher(teacher, student, valid)
+
+
+def kl_to_teacher(teacher: torch.Tensor, student: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum over counted queries of KL(normalised teacher || softmax(student)), and their number.
+
+    teacher [.., k] (unnormalised mass, detached here), student [.., k] scores, valid [.., k]."""
     target = teacher.detach().masked_fill(~valid, 0)
     mass = target.sum(-1, keepdim=True)
     counted = (mass[..., 0] > 0) & valid.any(-1)
@@ -29,5 +37,5 @@ def indexer_loss_reference(qi: torch.Tensor, weights: torch.Tensor, keys: torch.
     log_student = student.masked_fill(~valid, float("-inf")).log_softmax(-1)
     log_student = torch.where(valid, log_student, torch.zeros_like(log_student))
     log_target = torch.where(target > 0, target.log(), torch.zeros_like(target))
-    kl = (target * (log_target - log_student)).sum(-1)  # [b, s]
+    kl = (target * (log_target - log_student)).sum(-1)
     return (kl * counted).sum(), counted.sum()

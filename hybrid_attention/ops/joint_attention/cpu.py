@@ -22,27 +22,15 @@ With P the joint probabilities, dO the output's gradient and delta = <dO, O> per
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn import functional as F
+
+from ..autocast import without_autocast
 
 # Queries per block: the band [n, n + win - 1] is half useful at n = win = 128; the block's scores
 # [b, n, h, n + win - 1 + k] stay about a MB.
 QUERY_BLOCK = 128
 
-
-
-def _without_autocast(method):
-    """Run a Function's forward / backward with autocast off: it accumulates in fp32 whatever the
-    input dtype (bf16 under `torch.autocast` included) and casts its results back itself."""
-
-    @functools.wraps(method)
-    def wrapped(ctx, *args):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return method(ctx, *args)
-
-    return wrapped
 
 class _Block:
     """One query block's keys and masked scores, recomputed identically in forward and backward."""
@@ -111,7 +99,7 @@ class _Block:
 
 class JointAttention(torch.autograd.Function):
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def forward(ctx, q, kv, compressed, sink, picks, scale, window_size, start, ratio, want_teacher):
         b, s, h, d = q.shape
         acc = _accumulation_dtype(q)
@@ -140,7 +128,7 @@ class JointAttention(torch.autograd.Function):
         return out, teacher
 
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def backward(ctx, grad_out, grad_teacher):
         q, kv_pad, entries, sink, picks, out, lse = ctx.saved_tensors
         scale, win, start, ratio = ctx.scale, ctx.window_size, ctx.start, ctx.ratio
