@@ -21,7 +21,8 @@ def _block(qi, weights, keys, picks, teacher, a, e):
     b = qi.size(0)
     ids = picks[:, a:e]  # [b, n, k]
     valid = ids >= 0
-    flat = (ids.clamp_min(0) + torch.arange(b)[:, None, None] * keys.size(1)).reshape(-1)
+    offsets = torch.arange(b, device=keys.device)[:, None, None] * keys.size(1)
+    flat = (ids.clamp_min(0) + offsets).reshape(-1)
     di = keys.size(-1)
     chosen = keys.reshape(-1, di).index_select(0, flat).view(*ids.shape, di)  # [b, n, k, di]
     u = qi[:, a:e] @ chosen.transpose(-1, -2)  # [b, n, hi, k]

@@ -18,7 +18,8 @@ def indexer_loss_reference(qi: torch.Tensor, weights: torch.Tensor, keys: torch.
                            teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, k = picks.shape
     valid = picks >= 0
-    flat = (picks.clamp_min(0) + torch.arange(b)[:, None, None] * keys.size(1)).reshape(-1)
+    offsets = torch.arange(b, device=keys.device)[:, None, None] * keys.size(1)
+    flat = (picks.clamp_min(0) + offsets).reshape(-1)
     chosen = keys.reshape(-1, keys.size(-1)).index_select(0, flat).view(b, s, k, -1)  # [b, s, k, di]
     per_head = torch.relu(torch.einsum("bshd,bskd->bshk", qi, chosen))
     student = (per_head * weights[..., None]).sum(dim=2)  # [b, s, k]

@@ -37,27 +37,29 @@ class _Block:
 
     def __init__(self, qs, kv_pad, compressed, picks, start, a, e, window_size, ratio):
         b, n, h, d = qs.shape
+        dev = qs.device
         self.shape = (b, n, h, d)
         self.flat_q = qs.reshape(b, n * h, d)
         self.rows = kv_pad[:, a:e + window_size - 1]  # [b, L, d], L = n + win - 1
         width = self.rows.size(1)
         z = (self.flat_q @ self.rows.transpose(1, 2)).view(b, n, h, width)
-        column = torch.arange(width)
-        offset = column - torch.arange(n)[:, None]  # row a + c is window row c - t of query t
+        column = torch.arange(width, device=dev)
+        offset = column - torch.arange(n, device=dev)[:, None]  # row a + c is window row c - t of query t
         outside = (offset < 0) | (offset >= window_size) | (start - window_size + 1 + a + column < 0)
         self.z_window = z.masked_fill_(outside[None, :, None], float("-inf"))  # [b, n, h, L]
         self.z_entries = self.entries = self.picked = self.ids = None
         self.n_visible = 0
         if compressed is not None and picks is None:  # HCA (or dense CSA): every visible entry
-            visible = torch.div(start + torch.arange(a, e) + 1, ratio, rounding_mode="floor")  # [n]
+            positions = start + torch.arange(a, e, device=dev)
+            visible = torch.div(positions + 1, ratio, rounding_mode="floor")  # [n]
             self.n_visible = int(visible[-1])
             self.entries = compressed[:, :self.n_visible]  # [b, t, d]
             z = (self.flat_q @ self.entries.transpose(1, 2)).view(b, n, h, self.n_visible)
-            hidden = torch.arange(self.n_visible) >= visible[:, None]  # [n, t]
+            hidden = torch.arange(self.n_visible, device=dev) >= visible[:, None]  # [n, t]
             self.z_entries = z.masked_fill_(hidden[None, :, None], float("-inf"))
         elif picks is not None:  # CSA: the indexer's picks, -1 = none
             ids = picks[:, a:e]  # [b, n, k]
-            offsets = torch.arange(b)[:, None, None] * compressed.size(1)
+            offsets = torch.arange(b, device=dev)[:, None, None] * compressed.size(1)
             self.ids = (ids.clamp_min(0) + offsets).reshape(-1)
             self.picked = compressed.reshape(-1, d).index_select(0, self.ids).view(b, n, ids.size(-1), d)
             z = qs @ self.picked.transpose(-1, -2)  # [b, n, h, k]
@@ -134,7 +136,7 @@ class JointAttention(torch.autograd.Function):
         scale, win, start, ratio = ctx.scale, ctx.window_size, ctx.start, ctx.ratio
         b, s, h, d = q.shape
         acc = kv_pad.dtype
-        dq = torch.empty(b, s, h, d, dtype=acc)
+        dq = q.new_empty(b, s, h, d, dtype=acc)
         dkv_pad = torch.zeros_like(kv_pad)
         dentries = torch.zeros_like(entries) if entries is not None else None
         dsink = torch.zeros_like(sink)

@@ -44,7 +44,8 @@ def joint_attention_reference(q: torch.Tensor, kv: torch.Tensor, sink: torch.Ten
     n_entries = compressed.size(1) if compressed is not None else 0
     lists = joint_index_lists(s, start, window_size, n_context, n_entries, ratio, picks, b)
     buffer = kv if compressed is None else torch.cat((kv, compressed.to(kv.dtype)), dim=1)
-    flat = (lists.clamp_min(0) + torch.arange(b)[:, None, None] * buffer.size(1)).reshape(-1)
+    offsets = torch.arange(b, device=buffer.device)[:, None, None] * buffer.size(1)
+    flat = (lists.clamp_min(0) + offsets).reshape(-1)
     rows = buffer.reshape(-1, d).index_select(0, flat).view(b, s, -1, d).float()  # [b, s, n, d]
     scores = torch.einsum("bshd,bsnd->bshn", q.float(), rows) * scale
     scores = scores.masked_fill((lists < 0)[:, :, None], float("-inf"))
