@@ -12,6 +12,11 @@ same head shapes (n_heads query heads of head_dim, as many K / V heads, q, k and
 It is the attention core alone; the layers' steps include their projections, compressors, indexer
 and output projection, so the ratios favour the baseline.
 
+By default glibc is asked to keep freed memory for reuse (`--allocator retain`, see
+`hybrid_attention.demo.retain_freed_memory`); with its defaults every tensor over 32 MB is a new
+mmap that the kernel zero-fills, which cost the layers (many [s, h * d] intermediates) far more
+than the baseline. The setting applies to the whole process, so to both sides of every ratio.
+
 Every length runs one untimed step per candidate (the warm-up, which also measures the peak memory:
 the growth of the resident set over the step, `hybrid_attention.demo.PeakMemory`), then `--rounds`
 rounds of one timed step per candidate, in the same order, so a slow spell of a shared host lands
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from bench_prefill import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 from hybrid_attention import HybridAttention
-from hybrid_attention.demo import KINDS, PeakMemory, demo_config
+from hybrid_attention.demo import KINDS, PeakMemory, demo_config, retain_freed_memory
 
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (512, 1024)
@@ -82,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", help="attention preset (default: small)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per length (default: 2)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
+    parser.add_argument("--allocator", choices=("retain", "system"), default="retain",
+                        help="retain: glibc keeps freed memory for reuse (`retain_freed_memory`), for "
+                             "the baseline and the layers alike; system: glibc's defaults, where each "
+                             "tensor over 32 MB is a fresh, zero-filled mmap (default: retain)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny preset, one round, lengths 512 1024 unless given")
     args = parser.parse_args(argv)
@@ -96,12 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    retained = args.allocator == "retain" and retain_freed_memory()
     cfg = demo_config(args.preset)
     print(f"# bench_train: {cpu_name()} (CPU), torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads | preset {args.preset}: {cfg.n_heads} heads x {cfg.head_dim}, window "
           f"{cfg.window_size}, top-k {cfg.index_topk}, ratios CSA {cfg.csa_ratio} / HCA "
           f"{cfg.compress_ratios[KINDS.index('hca')]} | fp32, batch 1, forward + backward, "
-          f"median of {args.rounds} round(s)")
+          f"median of {args.rounds} round(s) | allocator: "
+          f"{'glibc keeping freed memory' if retained else 'glibc defaults'}")
     print(f"{'tokens':>7} {'step':>12} {'time s':>9} {'/ dense':>8} {'peak MB':>9} {'/ dense':>8}")
     torch.manual_seed(0)
     layers = {kind: HybridAttention(cfg, KINDS.index(kind)).train() for kind in args.kinds}

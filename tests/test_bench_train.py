@@ -13,9 +13,12 @@ def load():
 
 def test_quick_run_prints_every_kind_at_every_length(capsys):
     bench = load()
-    assert bench.main(["--quick", "--lengths", "64", "96", "--kinds", "csa", "window"]) == 0
+    # --allocator system: the retain setting is process-wide and would stay for the later tests
+    args = ["--quick", "--lengths", "64", "96", "--kinds", "csa", "window", "--allocator", "system"]
+    assert bench.main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("# bench_train:") and "threads" in out[0] and "tiny" in out[0]
+    assert out[0].endswith("allocator: glibc defaults")
     rows = [line.split() for line in out[2:]]
     assert [(r[0], r[1]) for r in rows if r[1] != "dense"] == [
         ("64", "csa"), ("64", "window"), ("96", "csa"), ("96", "window")]
