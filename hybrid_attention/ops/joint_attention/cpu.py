@@ -40,24 +40,23 @@ class _Block:
         dev = qs.device
         self.shape = (b, n, h, d)
         self.flat_q = qs.reshape(b, n * h, d)
-        self.rows = kv_pad[:, a:e + window_size - 1]  # [b, L, d], L = n + win - 1
-        width = self.rows.size(1)
-        z = (self.flat_q @ self.rows.transpose(1, 2)).view(b, n, h, width)
-        column = torch.arange(width, device=dev)
+        band = kv_pad[:, a:e + window_size - 1]  # [b, L, d], L = n + win - 1
+        self.n_band = band.size(1)
+        column = torch.arange(self.n_band, device=dev)
         offset = column - torch.arange(n, device=dev)[:, None]  # row a + c is window row c - t of query t
-        outside = (offset < 0) | (offset >= window_size) | (start - window_size + 1 + a + column < 0)
-        self.z_window = z.masked_fill_(outside[None, :, None], float("-inf"))  # [b, n, h, L]
-        self.z_entries = self.entries = self.picked = self.ids = None
-        self.n_visible = 0
+        masked = (offset < 0) | (offset >= window_size) | (start - window_size + 1 + a + column < 0)
+        self.rows, self.n_visible = band, 0
         if compressed is not None and picks is None:  # HCA (or dense CSA): every visible entry
-            positions = start + torch.arange(a, e, device=dev)
-            visible = torch.div(positions + 1, ratio, rounding_mode="floor")  # [n]
+            # Entries are shared by the block's queries like the band: one set of rows, one GEMM.
+            visible = torch.div(start + torch.arange(a, e, device=dev) + 1, ratio, rounding_mode="floor")
             self.n_visible = int(visible[-1])
-            self.entries = compressed[:, :self.n_visible]  # [b, t, d]
-            z = (self.flat_q @ self.entries.transpose(1, 2)).view(b, n, h, self.n_visible)
+            self.rows = torch.cat((band, compressed[:, :self.n_visible]), dim=1)  # [b, L + t, d]
             hidden = torch.arange(self.n_visible, device=dev) >= visible[:, None]  # [n, t]
-            self.z_entries = z.masked_fill_(hidden[None, :, None], float("-inf"))
-        elif picks is not None:  # CSA: the indexer's picks, -1 = none
+            masked = torch.cat((masked, hidden), dim=1)
+        z = (self.flat_q @ self.rows.transpose(1, 2)).view(b, n, h, self.rows.size(1))
+        self.z_shared = z.masked_fill_(masked[None, :, None], float("-inf"))  # [b, n, h, L (+ t)]
+        self.z_entries = self.picked = self.ids = None
+        if picks is not None:  # CSA: the indexer's picks, -1 = none
             ids = picks[:, a:e]  # [b, n, k]
             offsets = torch.arange(b, device=dev)[:, None, None] * compressed.size(1)
             self.ids = (ids.clamp_min(0) + offsets).reshape(-1)
@@ -66,36 +65,37 @@ class _Block:
             self.z_entries = z.masked_fill_((ids < 0)[:, :, None], float("-inf"))
 
     def softmax(self, sink: torch.Tensor):
-        """The joint softmax: (P_window, P_entries, log-sum-exp [b, n, h]), in one exp pass. The
-        max is finite: every query's window holds its own row."""
-        m = self.z_window.amax(-1, keepdim=True)  # [b, n, h, 1]
+        """The joint softmax: (P of the shared rows, P of the picks or None, log-sum-exp [b, n, h]),
+        in one exp pass. The max is finite: every query's window holds its own row."""
+        m = self.z_shared.amax(-1, keepdim=True)  # [b, n, h, 1]
         if self.z_entries is not None and self.z_entries.size(-1):
             m = torch.maximum(m, self.z_entries.amax(-1, keepdim=True))
         m = torch.maximum(m, sink[:, None])
-        p_window = torch.exp(self.z_window - m)
-        denom = p_window.sum(-1, keepdim=True) + torch.exp(sink[:, None] - m)
-        p_entries = None
+        p_shared = torch.exp(self.z_shared - m)
+        denom = p_shared.sum(-1, keepdim=True) + torch.exp(sink[:, None] - m)
+        p_picked = None
         if self.z_entries is not None:
-            p_entries = torch.exp(self.z_entries - m)
-            denom += p_entries.sum(-1, keepdim=True)
-            p_entries /= denom
-        p_window /= denom
-        return p_window, p_entries, (m + torch.log(denom))[..., 0]
+            p_picked = torch.exp(self.z_entries - m)
+            denom += p_picked.sum(-1, keepdim=True)
+            p_picked /= denom
+        p_shared /= denom
+        return p_shared, p_picked, (m + torch.log(denom))[..., 0]
 
     def probabilities(self, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p_window = torch.exp(self.z_window - lse[..., None])  # zero outside the band
-        p_entries = torch.exp(self.z_entries - lse[..., None]) if self.z_entries is not None else None
-        return p_window, p_entries
+        p_shared = torch.exp(self.z_shared - lse[..., None])  # zero outside the band
+        p_picked = torch.exp(self.z_entries - lse[..., None]) if self.z_entries is not None else None
+        return p_shared, p_picked
 
-    def weighted_sum(self, p_window, p_entries) -> torch.Tensor:
+    def entry_mass(self, p_shared, p_picked) -> torch.Tensor:
+        """The compressed entries' probabilities summed over heads: [b, n, t or k]."""
+        return (p_picked if p_picked is not None else p_shared[..., self.n_band:]).sum(2)
+
+    def weighted_sum(self, p_shared, p_picked) -> torch.Tensor:
         """sum_j P_j V_j: [b, n, h, d]."""
         b, n, h, d = self.shape
-        out = p_window.reshape(b, n * h, -1) @ self.rows
-        if self.entries is not None:
-            out += p_entries.reshape(b, n * h, -1) @ self.entries
-        out = out.view(b, n, h, d)
+        out = (p_shared.reshape(b, n * h, -1) @ self.rows).view(b, n, h, d)
         if self.picked is not None:
-            out += p_entries @ self.picked
+            out += p_picked @ self.picked
         return out
 
 
@@ -118,10 +118,11 @@ class JointAttention(torch.autograd.Function):
         for a in range(0, s, QUERY_BLOCK):
             e = min(s, a + QUERY_BLOCK)
             blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, window_size, ratio)
-            p_window, p_entries, lse[:, a:e] = blk.softmax(sink_acc)
-            out[:, a:e] = blk.weighted_sum(p_window, p_entries)
+            p_shared, p_picked, lse[:, a:e] = blk.softmax(sink_acc)
+            out[:, a:e] = blk.weighted_sum(p_shared, p_picked)
             if teacher is not None:
-                teacher[:, a:e, :p_entries.size(-1)] = p_entries.sum(2)
+                mass = blk.entry_mass(p_shared, p_picked)
+                teacher[:, a:e, :mass.size(-1)] = mass
         ctx.save_for_backward(q, kv_pad, entries, sink_acc, picks, out, lse)
         ctx.scale, ctx.window_size, ctx.start, ctx.ratio = scale, window_size, start, ratio
         ctx.pad, ctx.dtypes = pad, (q.dtype, kv.dtype, None if compressed is None else compressed.dtype)
@@ -146,33 +147,27 @@ class JointAttention(torch.autograd.Function):
             n = e - a
             blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, win, ratio)
             block_lse = lse[:, a:e]
-            p_window, p_entries = blk.probabilities(block_lse)
+            p_shared, p_picked = blk.probabilities(block_lse)
             do = grad_out[:, a:e]  # [b, n, h, d]
             do_flat = do.reshape(b, n * h, d)
             delta = (do * out[:, a:e]).sum(-1, keepdim=True)  # [b, n, h, 1]
             dsink -= (torch.exp(sink[:, None] - block_lse[..., None]) * delta).sum((0, 1, 3))
 
-            # The window band: every product is a GEMM over the block's n + win - 1 rows.
+            # The shared rows (band, and HCA's entries): every product is a GEMM over them.
             width = blk.rows.size(1)
-            dz = p_window * ((do_flat @ blk.rows.transpose(1, 2)).view(b, n, h, width) - delta)
-            dz_flat, p_flat = dz.view(b, n * h, width), p_window.view(b, n * h, width)
+            dz = p_shared * ((do_flat @ blk.rows.transpose(1, 2)).view(b, n, h, width) - delta)
+            dz_flat, p_flat = dz.view(b, n * h, width), p_shared.view(b, n * h, width)
             dq_blk = dz_flat @ blk.rows  # [b, n * h, d]
             d_rows = torch.baddbmm(p_flat.transpose(1, 2) @ do_flat, dz_flat.transpose(1, 2), blk.flat_q)
-            dkv_pad[:, a:e + win - 1] += d_rows
-
-            if blk.entries is not None:  # every visible entry, shared by the block's queries
-                t = blk.n_visible
-                p_c = p_entries.reshape(b, n * h, t)
-                dz_c = p_c * (do_flat @ blk.entries.transpose(1, 2) - delta.reshape(b, n * h, 1))
-                dq_blk += dz_c @ blk.entries
-                dentries[:, :t] += torch.baddbmm(p_c.transpose(1, 2) @ do_flat, dz_c.transpose(1, 2),
-                                                 blk.flat_q)
+            dkv_pad[:, a:e + win - 1] += d_rows[:, :blk.n_band]
+            if blk.n_visible:
+                dentries[:, :blk.n_visible] += d_rows[:, blk.n_band:]
             dq_blk = dq_blk.view(b, n, h, d)
             if blk.picked is not None:  # the picks: gathered rows, gradients added back by index
-                dz_c = p_entries * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n, h, k]
+                dz_c = p_picked * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n, h, k]
                 dq_blk += dz_c @ blk.picked
                 qs = blk.flat_q.view(b, n, h, d)
-                d_picked = torch.matmul(dz_c.transpose(-1, -2), qs) + p_entries.transpose(-1, -2) @ do
+                d_picked = torch.matmul(dz_c.transpose(-1, -2), qs) + p_picked.transpose(-1, -2) @ do
                 dentries.view(-1, d).index_add_(0, blk.ids, d_picked.reshape(-1, d))  # 0 for -1 picks
             dq[:, a:e] = dq_blk * scale
 
