@@ -315,7 +315,7 @@ class HybridAttention(nn.Module):
         q = self._queries(qr, positions, freqs)  # [b, s, h, d]
         entries = _dense(compressed) if compressed is not None else None
         qi = picks = None
-        if self.kind == "csa":
+        if self.kind == "csa" and (return_aux or not dense_csa):  # for the picks or the loss
             qi = self.indexer.queries(qr.detach(), positions, freqs)  # [b, s, hi, di]
         if self.kind == "csa" and dense_csa:
             if return_aux:  # the loss's "picks": every entry, -1 where a query cannot see it yet
