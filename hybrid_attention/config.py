@@ -29,7 +29,6 @@ HF_KEYS = {
     "hidden_size": ("dim", int, _REQUIRED),
     "num_attention_heads": ("n_heads", int, _REQUIRED),
     "head_dim": ("head_dim", int, _REQUIRED),
-    "qk_rope_head_dim": ("rope_head_dim", int, _REQUIRED),
     "q_lora_rank": ("q_lora_rank", int, _REQUIRED),
     "o_groups": ("o_groups", int, _REQUIRED),
     "o_lora_rank": ("o_lora_rank", int, _REQUIRED),
@@ -48,6 +47,19 @@ HF_ROPE_SCALING_KEYS = {
     "beta_fast": ("beta_fast", float, 32.0),
     "beta_slow": ("beta_slow", float, 1.0),
 }
+# transformers' DeepseekV4Config writes the schedule as `layer_types` (one name per main layer)
+# and `compress_rates` (the ratio of each compressed type); the names it uses:
+HF_LAYER_TYPES = {"sliding_attention": "window", "compressed_sparse_attention": "csa",
+                  "heavily_compressed_attention": "hca"}
+HF_DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+# ... and RoPE as `rope_parameters` {"main": window layers, "compress": compressed layers}. Keys a
+# sub-dict may hold; any other key is refused rather than dropped.
+HF_ROPE_PARAMETER_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor",
+                          "original_max_position_embeddings", "beta_fast", "beta_slow",
+                          "attention_factor", "mscale", "mscale_all_dim", "truncate"}
+# Top-level keys of transformers' config that change attention in a way this layer cannot follow:
+# key -> the only value the layer computes.
+HF_FIXED_KEYS = {"num_key_value_heads": 1, "attention_bias": False}
 
 
 class ConfigError(ValueError):
@@ -222,27 +234,36 @@ class AttentionConfig:
         return cls(**{**_PRESETS[name](), **overrides})
 
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> "AttentionConfig":
-        """Read a DeepSeek-V4 `config.json` (a path, its folder, or the parsed dict); quant defaults
-        to official. A missing file, bad JSON, a missing key or a value of the wrong type or range
-        raises a ValueError naming the file and the key; numbers are never read from strings."""
+    def from_hf_config(cls, path_or_dict: Any, **overrides: Any) -> "AttentionConfig":
+        """Read a DeepSeek-V4 config: DeepSeek's `config.json`, the one transformers writes
+        (`layer_types`, `compress_rates`, `rope_parameters`, `partial_rotary_factor`), a
+        `transformers.PretrainedConfig`, or a parsed dict; a path may name the file or its folder.
+        quant defaults to official.
+
+        A missing file, bad JSON, a missing key, a value of the wrong type or range, or anything this
+        layer cannot compute (a layer type it does not know, YaRN on the window layers, an attention
+        factor other than 1, a key of `rope_parameters` it does not read, two spellings of one value
+        that disagree) raises a ValueError naming the file and the key; numbers are never read from
+        strings and nothing is dropped silently."""
         _check_field_names(cls, overrides)
         hf, source = _read_hf_config(path_or_dict)
         top = _HFReader(hf, source)
         n_layers = top.get("num_hidden_layers", int, minimum=1)
         n_mtp = top.get("num_nextn_predict_layers", int, 0, minimum=0)
-        ratios = top.get("compress_ratios", list)
-        if len(ratios) < n_layers:
-            raise ValueError(f"{source}: 'compress_ratios' has {len(ratios)} entries, "
-                             f"'num_hidden_layers' is {n_layers}")
-        if top.get("num_key_value_heads", int, 1) != 1:
-            raise ValueError(f"{source}: 'num_key_value_heads' must be 1 (one shared KV head)")
-        values = dict(compress_ratios=ratios[: n_layers + n_mtp], n_layers=n_layers, quant="official")
-        keys = {"compress_ratios": "compress_ratios", "n_layers": "num_hidden_layers"}  # field -> key
-        for reader, table in ((top, HF_KEYS), (top.section("rope_scaling"), HF_ROPE_SCALING_KEYS)):
-            for key, (name, kind, default) in table.items():
-                values[name] = reader.get(key, kind, default)
-                keys[name] = reader.prefix + key
+        for key, value in HF_FIXED_KEYS.items():
+            kind = bool if isinstance(value, bool) else int
+            if key in hf and top.get(key, kind) != value:
+                raise ValueError(f"{source}: {key!r} must be {_shown(value)} for this layer "
+                                 f"(got {_shown(hf[key])})")
+        ratios, csa_ratio, ratio_key = _hf_schedule(top, n_layers, n_mtp)
+        values = dict(compress_ratios=ratios, csa_ratio=csa_ratio, n_layers=n_layers, quant="official")
+        keys = {"compress_ratios": ratio_key, "csa_ratio": ratio_key, "n_layers": "num_hidden_layers"}
+        for key, (name, kind, default) in HF_KEYS.items():
+            values[name] = top.get(key, kind, default)
+            keys[name] = key
+        values["rope_head_dim"], keys["rope_head_dim"] = _hf_rope_head_dim(top, values["head_dim"])
+        for name, (value, key) in _hf_rope(top).items():
+            values[name], keys[name] = value, key
         try:
             return cls(**{**values, **overrides})
         except ConfigError as err:
@@ -270,12 +291,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _read_hf_config(path_or_dict: str | os.PathLike | dict) -> tuple[dict, str]:
-    """(the parsed config, the name errors give it): a dict as it is, else the file's JSON object."""
+def _read_hf_config(path_or_dict: Any) -> tuple[dict, str]:
+    """(the parsed config, the name errors give it): a dict as it is, a transformers config through
+    its `to_dict()`, else the file's JSON object."""
     if isinstance(path_or_dict, dict):
         return path_or_dict, "config.json"
+    if callable(getattr(path_or_dict, "to_dict", None)) and hasattr(path_or_dict, "model_type"):
+        hf = path_or_dict.to_dict()  # a transformers.PretrainedConfig (transformers is not imported)
+        if not isinstance(hf, dict):
+            raise TypeError(f"{type(path_or_dict).__name__}.to_dict() returned {type(hf).__name__}, "
+                            "not a dict")
+        return hf, type(path_or_dict).__name__
     if not isinstance(path_or_dict, str | os.PathLike):
-        raise TypeError(f"from_hf_config takes a path or a dict, got {type(path_or_dict).__name__}")
+        raise TypeError(f"from_hf_config takes a path or a dict, got {type(path_or_dict).__name__} "
+                        "(or a transformers config)")
     path = Path(path_or_dict)
     if path.is_dir():
         path = path / "config.json"
@@ -301,6 +330,7 @@ _JSON_KINDS = {
     float: ("a finite number", is_finite_number),
     list: ("a list", lambda value: isinstance(value, list)),
     dict: ("an object", lambda value: isinstance(value, dict)),
+    bool: ("true or false", lambda value: isinstance(value, bool)),
 }
 
 
@@ -329,6 +359,217 @@ class _HFReader:
         """The nested object under `key`; null or absent reads as an empty one."""
         value = self.get(key, dict) if self.hf.get(key) is not None else {}
         return _HFReader(value, self.source, f"{self.prefix}{key}.")
+
+
+def _hf_schedule(top: _HFReader, n_layers: int, n_mtp: int) -> tuple[list, int, str]:
+    """(compress_ratios, csa_ratio, the key they came from) from DeepSeek's `compress_ratios` (main
+    layers then MTP blocks) or transformers' `layer_types` + `compress_rates` (main layers only);
+    where a config has both, they must agree."""
+    source = top.source
+    rates = dict(HF_DEFAULT_COMPRESS_RATES)
+    if top.hf.get("compress_rates") is not None:
+        given = top.get("compress_rates", dict)
+        for name, rate in given.items():
+            if name not in rates:
+                raise ValueError(f"{source}: 'compress_rates' has the layer type {name!r}; this layer "
+                                 f"knows {sorted(rates)}")
+            if not is_int(rate) or rate < 2:
+                raise ValueError(f"{source}: 'compress_rates.{name}' must be an integer >= 2, got "
+                                 f"{_shown(rate)}")
+            rates[name] = rate
+    for legacy, name in (("compress_rate_csa", "compressed_sparse_attention"),
+                         ("compress_rate_hca", "heavily_compressed_attention")):
+        if legacy in top.hf:  # older spellings that transformers folds into compress_rates
+            rates[name] = top.get(legacy, int, minimum=2)
+    csa_ratio = rates["compressed_sparse_attention"]
+    if rates["heavily_compressed_attention"] == csa_ratio:
+        raise ValueError(f"{source}: 'compress_rates' gives CSA and HCA layers the same rate {csa_ratio}; "
+                         "the layer tells them apart by their rate")
+
+    from_types = None
+    if top.hf.get("layer_types") is not None:
+        types = top.get("layer_types", list)
+        if len(types) != n_layers:
+            raise ValueError(f"{source}: 'layer_types' has {len(types)} entries, 'num_hidden_layers' is "
+                             f"{n_layers}")
+        from_types = []
+        for i, name in enumerate(types):
+            if name not in HF_LAYER_TYPES:
+                raise ValueError(f"{source}: 'layer_types' entry {i} is {_shown(name)}; this layer "
+                                 f"knows {sorted(HF_LAYER_TYPES)}")
+            from_types.append(0 if name == "sliding_attention" else rates[name])
+    if "compress_ratios" not in top.hf and from_types is not None:
+        return from_types, csa_ratio, "layer_types"
+    if "compress_ratios" not in top.hf:
+        raise ValueError(f"{source} is missing the key 'compress_ratios' (or transformers' 'layer_types')")
+    ratios = top.get("compress_ratios", list)
+    if len(ratios) < n_layers:
+        raise ValueError(f"{source}: 'compress_ratios' has {len(ratios)} entries, "
+                         f"'num_hidden_layers' is {n_layers}")
+    ratios = ratios[: n_layers + n_mtp]
+    if from_types is not None and ratios[:n_layers] != from_types:
+        raise ValueError(f"{source}: 'compress_ratios' {_shown(ratios[:n_layers])} and 'layer_types' with "
+                         f"'compress_rates' {_shown(from_types)} disagree")
+    return ratios, csa_ratio, "compress_ratios"
+
+
+def _hf_rope_head_dim(top: _HFReader, head_dim: int) -> tuple[int, str]:
+    """(rope dims, key): DeepSeek's `qk_rope_head_dim` or transformers' `partial_rotary_factor` x
+    head_dim (also inside `rope_parameters`); every spelling given must give the same width."""
+    found = []
+    if "qk_rope_head_dim" in top.hf:
+        found.append((top.get("qk_rope_head_dim", int), "qk_rope_head_dim"))
+    readers = [top]
+    rope = top.hf.get("rope_parameters")
+    if isinstance(rope, dict):
+        section = top.section("rope_parameters")
+        readers += [section.section(name) for name in ("main", "compress")
+                    if isinstance(rope.get(name), dict)]
+    for reader in readers:
+        if reader.hf.get("partial_rotary_factor") is None:
+            continue
+        factor = reader.get("partial_rotary_factor", float)
+        width = head_dim * factor if is_int(head_dim) else 0
+        key = reader.prefix + "partial_rotary_factor"
+        if not (0 < factor <= 1) or abs(width - round(width)) > 1e-6:  # transformers writes rd / head_dim
+            raise ValueError(f"{top.source}: {key!r} = {_shown(factor)} must be in (0, 1] and give a whole "
+                             f"number of dims of head_dim={head_dim}")
+        found.append((int(round(width)), key))
+    if not found:
+        raise ValueError(f"{top.source} is missing the key 'qk_rope_head_dim' (or transformers' "
+                         "'partial_rotary_factor')")
+    for width, key in found[1:]:
+        if width != found[0][0]:
+            raise ValueError(f"{top.source}: {found[0][1]!r} gives {found[0][0]} rotary dims, {key!r} "
+                             f"gives {width}")
+    return found[0]
+
+
+def _hf_rope(top: _HFReader) -> dict[str, tuple[Any, str]]:
+    """field -> (value, key) for the RoPE fields, from `rope_theta` / `compress_rope_theta` /
+    `rope_scaling` (DeepSeek) and `rope_parameters` (transformers: {"main", "compress"} sub-dicts,
+    or one flat dict that, as transformers reads it, describes the compressed layers). Where
+    both are given they must agree."""
+    readings = []
+    if top.hf.get("rope_scaling") is not None:
+        readings.append(_hf_yarn(top.section("rope_scaling")))
+    rope = top.hf.get("rope_parameters")
+    main = {}
+    if rope is not None:
+        section = top.section("rope_parameters")
+        nested = [name for name in ("main", "compress") if name in rope]
+        if nested:
+            if len(nested) == 1 or not all(isinstance(rope[name], dict) for name in nested):
+                raise ValueError(f"{top.source}: 'rope_parameters' must hold both 'main' and 'compress' "
+                                 f"objects (got {_shown(rope)})")
+            extra = sorted(set(rope) - {"main", "compress", "rope_type", "type"})
+            if extra:
+                raise ValueError(f"{top.source}: 'rope_parameters.{extra[0]}' is not read by this layer "
+                                 "(next to 'main' and 'compress')")
+            main = _hf_main_rope(section.section("main"))
+            readings.append(_hf_yarn(section.section("compress"), transformers=True))
+        else:
+            readings.append(_hf_yarn(section, transformers=True, flat=True))
+    if not readings:  # no scaling object at all: no YaRN
+        readings.append(_hf_yarn(_HFReader({}, top.source, "rope_scaling.")))
+    for other in readings[1:]:
+        for name, (value, key) in other.items():
+            first, first_key = readings[0][name]
+            if name != "compress_rope_theta" and value != first:
+                raise ValueError(f"{top.source}: {first_key!r} = {_shown(first)} and {key!r} = "
+                                 f"{_shown(value)} disagree")
+    values = dict(readings[-1])
+    for name, key, default in (("rope_theta", "rope_theta", 10000.0),
+                               ("compress_rope_theta", "compress_rope_theta", 160000.0)):
+        given = [(top.get(key, float), key)] if key in top.hf else []
+        given += [item for item in (main.get(name), values.get(name)) if item is not None]
+        for value, where in given[1:]:
+            if value != given[0][0]:
+                raise ValueError(f"{top.source}: {given[0][1]!r} = {_shown(given[0][0])} and {where!r} = "
+                                 f"{_shown(value)} disagree")
+        values[name] = given[0] if given else (default, key)
+    return values
+
+
+def _hf_main_rope(reader: _HFReader) -> dict[str, tuple[Any, str]]:
+    """`rope_parameters.main` (window layers): plain RoPE only, as in DeepSeek's code."""
+    _check_rope_keys(reader)
+    kind = _rope_type(reader)
+    if kind != "default":
+        raise ValueError(f"{reader.source}: {reader.prefix + 'rope_type'!r} is {_shown(kind)}; window "
+                         "layers use plain RoPE (YaRN applies to the compressed layers only)")
+    if "rope_theta" in reader.hf:
+        return {"rope_theta": (reader.get("rope_theta", float), reader.prefix + "rope_theta")}
+    return {}
+
+
+def _hf_yarn(reader: _HFReader, transformers: bool = False, flat: bool = False) -> dict[str, tuple[Any, str]]:
+    """The YaRN fields of the compressed layers from one scaling object (DeepSeek's `rope_scaling`,
+    or transformers' `rope_parameters.compress` / flat `rope_parameters`)."""
+    if transformers:
+        _check_rope_keys(reader)
+    kind = _rope_type(reader)
+    if kind not in ("default", "yarn"):
+        raise ValueError(f"{reader.source}: {reader.prefix + 'rope_type'!r} is {_shown(kind)}; this layer "
+                         "computes plain RoPE or YaRN")
+    if reader.hf.get("truncate", True) is not True:
+        raise ValueError(f"{reader.source}: {reader.prefix + 'truncate'!r} must be true (DeepSeek's YaRN "
+                         "rounds its correction range)")
+    yarn = kind == "yarn" or (not transformers and "type" not in reader.hf and "rope_type" not in reader.hf)
+    values = {}
+    if yarn:
+        for key, (name, kind_of, default) in HF_ROPE_SCALING_KEYS.items():
+            values[name] = (reader.get(key, kind_of, default), reader.prefix + key)
+        if kind == "yarn":
+            factor = values["rope_factor"][0]
+            attention = reader.hf.get("attention_factor")
+            # DeepSeek's YaRN scales only the frequencies; transformers multiplies cos / sin by the
+            # attention factor. Its V4 config sets it to 1 when it builds the sub-dicts itself (from
+            # a flat dict or `rope_scaling`); given sub-dicts without it, it derives 0.1 ln(factor) + 1.
+            if attention is None and factor > 1 and transformers and not flat:
+                raise ValueError(f"{reader.source}: {reader.prefix + 'attention_factor'!r} is missing; "
+                                 "transformers would then scale cos/sin by 0.1 ln(factor) + 1, which "
+                                 "DeepSeek's YaRN does not (set it to 1.0)")
+            if attention is not None and reader.get("attention_factor", float) != 1.0:
+                raise ValueError(f"{reader.source}: {reader.prefix + 'attention_factor'!r} must be 1.0 "
+                                 f"(DeepSeek's YaRN does not scale cos/sin), got {_shown(attention)}")
+            if values["original_seq_len"][0] == 0:
+                raise ValueError(f"{reader.source} is missing the key "
+                                 f"{reader.prefix + 'original_max_position_embeddings'!r} (YaRN)")
+    else:
+        values = {"rope_factor": (1.0, reader.prefix + "factor"),
+                  "original_seq_len": (0, reader.prefix + "original_max_position_embeddings"),
+                  "beta_fast": (32.0, reader.prefix + "beta_fast"),
+                  "beta_slow": (1.0, reader.prefix + "beta_slow")}
+    if transformers and not flat and "rope_theta" in reader.hf:
+        values["compress_rope_theta"] = (reader.get("rope_theta", float), reader.prefix + "rope_theta")
+    return values
+
+
+def _rope_type(reader: _HFReader) -> str:
+    names = [key for key in ("rope_type", "type") if key in reader.hf]
+    kinds = {reader.hf[key] for key in names}
+    if len(kinds) > 1:
+        raise ValueError(f"{reader.source}: {reader.prefix + 'rope_type'!r} and {reader.prefix + 'type'!r} "
+                         "disagree")
+    if not names:
+        return "default"
+    kind = reader.hf[names[0]]
+    if not isinstance(kind, str):
+        raise ValueError(f"{reader.source}: {reader.prefix + names[0]!r} must be a string, "
+                         f"got {_shown(kind)}")
+    return kind
+
+
+def _check_rope_keys(reader: _HFReader) -> None:
+    unknown = sorted(set(reader.hf) - HF_ROPE_PARAMETER_KEYS)
+    if unknown:
+        raise ValueError(f"{reader.source}: {reader.prefix + unknown[0]!r} is not read by this layer; it "
+                         f"reads {sorted(HF_ROPE_PARAMETER_KEYS)}")
+    for key in ("mscale", "mscale_all_dim"):
+        if reader.hf.get(key) not in (None, 0, 1, 1.0) and reader.hf.get("attention_factor") is None:
+            raise ValueError(f"{reader.source}: {reader.prefix + key!r} changes transformers' attention "
+                             "factor, which DeepSeek's YaRN does not have")
 
 
 def _v4_common() -> dict:
@@ -404,3 +645,22 @@ class ModelConfig:
         attention = AttentionConfig.preset(name)
         sizes = {"tiny": (256, 128), "small": (32000, 2816)}.get(name, (129280, 4 * attention.dim))
         return cls(**{**dict(attention=attention, vocab_size=sizes[0], ffn_hidden=sizes[1]), **overrides})
+
+    @classmethod
+    def from_hf_config(cls, path_or_dict: Any, **overrides: Any) -> "ModelConfig":
+        """The attention of `AttentionConfig.from_hf_config`, the vocabulary, and a dense SwiGLU as
+        wide as the config's `intermediate_size` or, for DeepSeek-V4's MoE, its shared experts
+        (`moe_intermediate_size` x `n_shared_experts`). Overrides may name fields of either config."""
+        attention_fields = {f.name for f in fields(AttentionConfig)}
+        _check_field_names(cls, {k: v for k, v in overrides.items() if k not in attention_fields})
+        own = {k: overrides.pop(k) for k in list(overrides) if k not in attention_fields}
+        attention = AttentionConfig.from_hf_config(path_or_dict, **overrides)
+        hf, source = _read_hf_config(path_or_dict)
+        top = _HFReader(hf, source)
+        values = dict(attention=attention, vocab_size=top.get("vocab_size", int, minimum=1))
+        if hf.get("intermediate_size") is not None:
+            values["ffn_hidden"] = top.get("intermediate_size", int, minimum=1)
+        else:
+            values["ffn_hidden"] = top.get("moe_intermediate_size", int, minimum=1) * \
+                top.get("n_shared_experts", int, 1, minimum=1)
+        return cls(**{**values, **own})
