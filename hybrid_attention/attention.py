@@ -141,7 +141,9 @@ class HybridAttention(nn.Module):
 
         state: continue the sequences it holds (chunked prefill, decode); it is updated only when
           the call succeeds.
-        return_aux: also return {"indexer_loss", "attended_keys"} (see `indexer_kl_loss`).
+        return_aux: also return {"indexer_loss", "attended_keys"} (see `indexer_kl_loss`) and, for a
+          CSA layer that uses its indexer, "picks": the entry ids each query attended [b, s, k]
+          (int64, -1 = none).
         dense_csa: a CSA layer attends to every visible compressed entry, as in the indexer's
           dense warm-up; the indexer loss is then taken over all of them.
         """
@@ -267,7 +269,7 @@ class HybridAttention(nn.Module):
             fused = False
         block = self._block_size(n_keys)
         sub = self._block_size(n_keys, gathered)  # queries per attention step within a block
-        y, losses, attended = None, [], 0.0
+        y, losses, attended, all_picks = None, [], 0.0, []
         for a in range(0, s, block):
             e = min(s, a + block)
             pos = positions[a:e]
@@ -282,6 +284,7 @@ class HybridAttention(nn.Module):
                     qi = self.indexer.queries(qr[:, a:e].detach(), pos, freqs)  # [b, n, hi, di]
                     if not dense_csa:
                         picks = self._pick_entries(qi, weights, index_keys, pos)
+                        all_picks.append(picks)
                 parts = []
                 for i in range(0, e - a, sub):
                     j = min(e - a, i + sub)
@@ -299,6 +302,8 @@ class HybridAttention(nn.Module):
         aux = {"attended_keys": attended / (b * s)}
         if return_aux:
             aux["indexer_loss"] = _mean_loss(losses, qr)
+            if all_picks:
+                aux["picks"] = _padded_cat(all_picks)
         return y, aux
 
     def _attend_train(self, qr, keys, positions, freqs, compressed, index_keys, head_weights, return_aux,
@@ -343,6 +348,8 @@ class HybridAttention(nn.Module):
             if picks is not None:
                 total, count = indexer_loss(qi, head_weights, index_keys, picks.contiguous(), teacher)
                 aux["indexer_loss"] = total / count.clamp_min(1)
+                if not dense_csa:
+                    aux["picks"] = picks
             else:
                 aux["indexer_loss"] = _mean_loss([], qr)
         return y, aux
@@ -681,6 +688,13 @@ def sink_softmax_fused(segments: list[torch.Tensor], sink: torch.Tensor) -> torc
     sink_column = sink.float()[:, None].expand(b, n, h, 1)
     probs = torch.softmax(torch.cat((*segments, sink_column), dim=-1), dim=-1)
     return probs[..., :-1]
+
+
+def _padded_cat(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Pick blocks [b, n_i, k_i] (early blocks may see fewer than top-k entries) as one [b, s, k]
+    tensor, -1 where a block had fewer picks."""
+    k = max(block.size(-1) for block in blocks)
+    return torch.cat([nn.functional.pad(block, (0, k - block.size(-1)), value=-1) for block in blocks], 1)
 
 
 def _mean_loss(terms: list, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The `hybrid-attention` command line: `demo`, `generate` and `plan`.
+"""The `hybrid-attention` command line: `demo`, `generate`, `plan`, `train` and `eval`.
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) ->
 int`. User errors end the command with `hybrid-attention COMMAND: error: ...` on stderr and exit
@@ -28,6 +28,8 @@ SUBCOMMANDS = {
                  "Serve random prompts through the engine, beside the same model with every layer full."),
     "plan": ("hybrid_attention.planner",
              "Count the KV cache, FLOPs and memory of a hybrid, MLA or GQA model."),
+    "train": ("hybrid_attention.train",
+              "Train a HybridTransformer on byte-level tasks (passkey, MQAR, text) with the DeepSeek recipe."),
 }
 
 

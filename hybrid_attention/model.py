@@ -38,8 +38,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.attention.dim, eps)
         self.ffn = SwiGLU(cfg.attention.dim, cfg.ffn_hidden, dtype)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None, return_aux: bool = False):
-        attn = self.attn(self.attn_norm(x), state=state, return_aux=return_aux)
+    def forward(self, x: torch.Tensor, state: LayerState | None = None, return_aux: bool = False,
+                dense_csa: bool = False):
+        attn = self.attn(self.attn_norm(x), state=state, return_aux=return_aux, dense_csa=dense_csa)
         attn, aux = attn if return_aux else (attn, None)
         x = x + attn
         x = x + self.ffn(self.ffn_norm(x))
@@ -66,25 +67,32 @@ class HybridTransformer(nn.Module):
         return [block.attn.new_state(batch_size, device) for block in self.layers]
 
     def forward(self, tokens: torch.Tensor, states: list[LayerState] | None = None,
-                return_aux: bool = False):
+                return_aux: bool = False, dense_csa: bool = False):
         """tokens [b, s] int -> logits [b, s, vocab] (fp32). With `states`, continue those sequences.
+
+        return_aux: also return {"indexer_loss": the sum over layers, "picks": {layer id: [b, s, k]
+        entry ids} for CSA layers that used their indexer}. dense_csa: CSA layers attend to every
+        visible compressed entry (the dense phases of training, see `HybridAttention.forward`).
 
         Errors leave every state untouched: the tokens and every layer's state are checked here,
         before the first layer changes its own."""
         check_bool("return_aux", return_aux)
+        check_bool("dense_csa", dense_csa)
         self._check_tokens(tokens, states)
         x = self.embed(tokens)
-        losses = []
+        losses, picks = [], {}
         for i, block in enumerate(self.layers):
             state = states[i] if states is not None else None
             if return_aux:
-                x, aux = block(x, state, return_aux=True)
+                x, aux = block(x, state, return_aux=True, dense_csa=dense_csa)
                 losses.append(aux["indexer_loss"])
+                if "picks" in aux:
+                    picks[i] = aux["picks"]
             else:
-                x = block(x, state)
+                x = block(x, state, dense_csa=dense_csa)
         logits = linear(self.norm(x), self.head.weight).float()
         if return_aux:
-            return logits, {"indexer_loss": torch.stack(losses).sum()}
+            return logits, {"indexer_loss": torch.stack(losses).sum(), "picks": picks}
         return logits
 
     def _check_tokens(self, tokens: torch.Tensor, states) -> None:
