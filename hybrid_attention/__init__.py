@@ -6,5 +6,6 @@ from .model import HybridTransformer
 from .state import LayerState
 from .train import load_checkpoint
 
-__all__ = ["AttentionConfig", "HybridAttention", "HybridTransformer", "LayerState", "ModelConfig", "load_checkpoint"]
+__all__ = ["AttentionConfig", "HybridAttention", "HybridTransformer", "LayerState", "ModelConfig",
+           "load_checkpoint"]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ SUBCOMMANDS = {
     "plan": ("hybrid_attention.planner",
              "Count the KV cache, FLOPs and memory of a hybrid, MLA or GQA model."),
     "train": ("hybrid_attention.train",
-              "Train a HybridTransformer on byte-level tasks (passkey, MQAR, text) with the DeepSeek recipe."),
+              "Train a HybridTransformer on byte-level tasks (passkey, MQAR, text), DeepSeek's recipe."),
 }
 
 
