@@ -18,7 +18,7 @@ line per logged step) and `loss.png`. `--resume` continues a folder; on a CPU th
 for bit those of a run that never stopped.
 
 Under `torchrun --nproc-per-node N` it trains with torch.distributed (gloo on a CPU, NCCL on
-CUDA): DDP, or FSDP2 (`fully_shard`) with `--parallel fsdp`. Every rank builds the same global
+CUDA) with DDP. Every rank builds the same global
 micro-batch and takes its slice, and the task loss is normalised by the global count of target
 tokens, so N processes follow one process with the same global batch.
 """
@@ -87,7 +87,7 @@ class TrainConfig:
     out: str = "runs/train"
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
-    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    parallel: str = "ddp"  # under torchrun: DDP (FSDP2 is not wired yet)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -110,8 +110,9 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "indexer_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"TrainConfig.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel != "ddp":
+            raise ValueError(f"TrainConfig.parallel must be 'ddp' (FSDP2 is not wired yet), "
+                             f"got {self.parallel!r}")
 
     @property
     def total_steps(self) -> int:
@@ -250,14 +251,17 @@ def build_model_config(cfg: TrainConfig) -> ModelConfig:
 # Checkpoints -----------------------------------------------------------------------------------
 
 
-def save_checkpoint(folder: str | Path, model: HybridTransformer, extra: dict | None = None) -> None:
-    """config.json + model.safetensors (+ train_state.pt with `extra`), each written atomically."""
+def save_checkpoint(folder: str | Path, model: HybridTransformer, extra: dict | None = None,
+                    tensors: dict | None = None) -> None:
+    """config.json + model.safetensors (+ train_state.pt with `extra`), each written atomically.
+    tensors: the state dict to write (default: the model's own)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(folder / "config.json", json.dumps(model_config_to_dict(model.cfg), indent=2))
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    tensors = model.state_dict() if tensors is None else tensors
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / "model.safetensors")
@@ -359,18 +363,14 @@ def init_distributed() -> Dist:
     return Dist(rank, world, device)
 
 
-def _wrap(model: nn.Module, cfg: TrainConfig, dist_: Dist) -> nn.Module:
-    """The module the loop calls: the model itself, DDP or FSDP2 around it."""
+def _wrap(model: nn.Module, cfg: TrainConfig, dist_: Dist, wrapped: nn.Module | None) -> nn.Module:
+    """The module the loop calls in a new phase: the model itself or DDP around it."""
     if dist_.world == 1:
         return model
-    if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    # Parameters without a gradient in a phase (the indexer in the dense phase, the rest in
-    # its warm-up) are frozen with requires_grad, and the wrapper is rebuilt at each phase.
+    # DDP registers the parameters that require a gradient, so each phase (the indexer frozen in
+    # the dense phase, everything else in its warm-up) gets its own wrapper.
     return DistributedDataParallel(model, find_unused_parameters=True)
 
 
@@ -431,7 +431,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         name, _, _ = cfg.phase_at(step)
         if name != phase_name:  # freeze what the phase does not train; a new wrapper for it
             set_trainable(model, name)
-            wrapped, phase_name = _wrap(model, cfg, dist_), name
+            wrapped, phase_name = _wrap(model, cfg, dist_, wrapped), name
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -450,14 +450,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 loss = {"dense": task_loss, "indexer": index_loss}.get(
                     name, task_loss + cfg.indexer_weight * index_loss)
             loss.backward()
-            task_total += float(task_loss.detach()) / dist_.world
-            index_total += float(index_loss.detach())
+            task_total += float(task_loss.detach()) / dist_.world  # this rank's share of the mean
+            index_total += float(index_loss.detach()) / dist_.world
         trainable = [p for p in model.parameters() if p.requires_grad]
         grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip else \
             torch.tensor(float("nan"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        task_total, index_total = _mean_over_ranks((task_total, index_total), dist_)
+        task_total, index_total = _sum_over_ranks((task_total, index_total), dist_)
         losses.append({"step": step, "phase": name, "loss": task_total, "indexer_loss": index_total})
         step += 1
         steps_since += 1
@@ -465,36 +465,37 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         rate = tokens_per_step * steps_since / max(now - t_last, 1e-9)
         bar.update(step, task_total, index_total, rate)
         if dist_.main and (step % cfg.log_every == 0 or step == end):
-            record = dict(losses[-1], lr=lr, grad_norm=float(grad_norm), tokens_per_s=rate,
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record = dict(losses[-1], lr=lr, grad_norm=float(norm), tokens_per_s=rate,
                           tokens=step * tokens_per_step)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             t_last, steps_since = now, 0
         if cfg.save_every and step % cfg.save_every == 0 and step < end:
-            _save(out, model, optimizer, step, losses, dist_)
+            _save(out, model, optimizer, step, losses, dist_, cfg)
     bar.close()
-    _save(out, model, optimizer, step, losses, dist_)
+    _save(out, model, optimizer, step, losses, dist_, cfg)
     if dist_.main:
         plot_losses(losses, out / "loss.png")
     return {"losses": losses, "model": model, "step": step, "out": out}
 
 
-def _mean_over_ranks(values: tuple[float, ...], dist_: Dist) -> tuple[float, ...]:
+def _sum_over_ranks(values: tuple[float, ...], dist_: Dist) -> tuple[float, ...]:
     if dist_.world == 1:
         return values
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=dist_.device)
     dist.all_reduce(t)
-    return tuple(float(v) for v in t / dist_.world)
+    return tuple(float(v) for v in t)
 
 
-def _save(out: Path, model, optimizer, step: int, losses: list, dist_: Dist) -> None:
-    full_state = optimizer.state_dict()  # collective under FSDP: every rank calls it
+def _save(out: Path, model, optimizer, step: int, losses: list, dist_: Dist, cfg: TrainConfig) -> None:
+    """The checkpoint, written by rank 0 (DDP keeps every rank's copy equal)."""
     if not dist_.main:
         return
-    extra = {"optimizer": full_state, "step": step, "losses": losses, "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate()}
+    extra = {"optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     save_checkpoint(out, model, extra)
 
 
@@ -583,6 +584,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Override a config field (AttentionConfig or ModelConfig): --set window_size=32.")
     p.add_argument("--task", default=d.task, choices=("passkey", "mqar", "text"),
                    help="Data: passkey retrieval, multi-query associative recall, or text files.")
+    p.add_argument("--digits", type=positive_int, default=5, help="--task passkey: digits of the key.")
     p.add_argument("--data", default=None, help="--task text: a folder of text files (default: the Python "
                    "standard library's source).")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
@@ -603,14 +605,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help="Output folder. Default: %(default)s")
     p.add_argument("--log-every", type=positive_int, default=d.log_every)
     p.add_argument("--save-every", type=non_negative_int, default=d.save_every)
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=d.parallel,
-                   help="Under torchrun: DDP or FSDP2 (fully_shard).")
+    p.add_argument("--parallel", choices=("ddp",), default=d.parallel,
+                   help="Under torchrun: DistributedDataParallel (FSDP2 is not wired yet).")
     p.add_argument("--resume", action="store_true", help="Continue the run in --out.")
     p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options = {"folder": args.data} if args.task == "text" and args.data else {}
+    if args.task == "passkey" and args.digits != 5:
+        options["digits"] = args.digits
     return TrainConfig(model=args.model, schedule=args.schedule, overrides=_parse_set(args.set),
                        task=args.task, seq_len=args.seq_len, task_options=options,
                        dense_steps=args.dense_steps, indexer_steps=args.indexer_steps,

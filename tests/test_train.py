@@ -1,0 +1,124 @@
+"""The trainer: resume bit for bit, phases train what they should, 2 gloo processes = 1 process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid_attention import load_checkpoint
+from hybrid_attention.cli import main
+from hybrid_attention.config import AttentionConfig
+from hybrid_attention.train import TrainConfig, indexer_parameter_names, schedule_ratios, train
+
+
+def _cfg(tmp_path, name="run", **changes):
+    values = dict(model="tiny", schedule="hybrid", seq_len=128, sparse_steps=6, batch_size=4,
+                  out=str(tmp_path / name), log_every=1, warmup_steps=2)
+    return TrainConfig(**{**values, **changes})
+
+
+def _params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    phases = dict(dense_steps=2, indexer_steps=2, sparse_steps=3, grad_accum=2)
+    whole = train(_cfg(tmp_path, "whole", **phases), progress=False)
+    cfg = _cfg(tmp_path, "parts", **phases)
+    first = train(cfg, progress=False, stop_after=3)  # stops inside the indexer phase
+    assert first["step"] == 3
+    rest = train(cfg, resume=True, progress=False)
+    assert [r["loss"] for r in rest["losses"]] == [r["loss"] for r in whole["losses"]]
+    assert [r["indexer_loss"] for r in rest["losses"]] == [r["indexer_loss"] for r in whole["losses"]]
+    a, b = _params(whole["model"]), _params(rest["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The checkpoint folder holds the model that load_checkpoint returns.
+    loaded = load_checkpoint(tmp_path / "parts")
+    assert all(torch.equal(p, b[k]) for k, p in _params(loaded).items())
+    assert json.loads((tmp_path / "parts" / "train.json").read_text())["seq_len"] == 128
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(7))
+
+
+def test_resume_refuses_other_arguments(tmp_path):
+    train(_cfg(tmp_path, sparse_steps=2), progress=False)
+    with pytest.raises(ValueError, match="different arguments"):
+        train(_cfg(tmp_path, sparse_steps=2, lr=1e-4), resume=True, progress=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(_cfg(tmp_path, "empty"), resume=True, progress=False)
+
+
+def test_phases_freeze_what_they_do_not_train(tmp_path):
+    cfg = _cfg(tmp_path, dense_steps=3, indexer_steps=0, sparse_steps=0)
+    start = _params(train(_cfg(tmp_path, "start"), progress=False, stop_after=0)["model"])  # same seed
+    dense = _params(train(cfg, progress=False)["model"])
+    indexer = indexer_parameter_names(load_checkpoint(tmp_path / "run"))
+    assert indexer, "the hybrid schedule has CSA layers"
+    assert all(torch.equal(start[k], dense[k]) for k in indexer)
+    assert any(not torch.equal(start[k], dense[k]) for k in dense if k not in indexer)
+
+    warm = _cfg(tmp_path, "warm", dense_steps=0, indexer_steps=3, sparse_steps=0)
+    after = _params(train(warm, progress=False)["model"])
+    assert all(torch.equal(start[k], after[k]) for k in after if k not in indexer)
+    assert all(not torch.equal(start[k], after[k]) for k in indexer)
+
+
+def test_indexer_loss_falls_in_its_warm_up(tmp_path):
+    cfg = _cfg(tmp_path, dense_steps=0, indexer_steps=30, sparse_steps=0, indexer_lr=3e-3, log_every=10)
+    losses = [r["indexer_loss"] for r in train(cfg, progress=False)["losses"]]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_schedules():
+    cfg = AttentionConfig.preset("small")  # [128, 4, 128, 4, 0]
+    assert schedule_ratios("v4", cfg) == [128, 4, 128, 4, 0]
+    assert schedule_ratios("hybrid", cfg) == [128, 4, 128, 4, 128]
+    assert schedule_ratios("window", cfg) == [0] * 5
+    assert schedule_ratios("full", cfg) == ["full"] * 5
+    assert schedule_ratios("hca,csa,full", cfg) == [128, 4, "full"]
+    with pytest.raises(ValueError, match="schedule entry 'dense'"):
+        schedule_ratios("hca,dense", cfg)
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--schedule", "hca,csa", "--seq-len", "100", "--digits", "2",
+            "--sparse-steps", "2", "--batch-size", "2",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert (out / "loss.png").stat().st_size > 0
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--set", "window_size=-3", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "window_size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # a bad config writes nothing
+
+
+def test_two_gloo_processes_follow_one(tmp_path):
+    common = ["train", "--schedule", "hca,csa", "--seq-len", "128", "--dense-steps", "1",
+              "--indexer-steps", "1", "--sparse-steps", "2", "--batch-size", "4", "--log-every", "1",
+              "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "hybrid_attention.cli"] + common + ["--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[:4000]
+
+    def losses(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = losses("one"), losses("two")
+    assert [r["phase"] for r in one] == [r["phase"] for r in two] == ["dense", "indexer", "sparse", "sparse"]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["indexer_loss"] == pytest.approx(b["indexer_loss"], rel=1e-5, abs=1e-7)
+    p1, p2 = _params(load_checkpoint(tmp_path / "one")), _params(load_checkpoint(tmp_path / "two"))
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=k)
