@@ -576,39 +576,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import non_negative_int, positive_float, positive_int, seed
 
     d = TrainConfig()
+    dflt = " Default: %(default)s."
     p.add_argument("--model", default=d.model, help="A preset (tiny, small) or a ModelConfig JSON file "
-                   "(the config.json a checkpoint holds). Default: %(default)s")
+                   "(the config.json a checkpoint holds)." + dflt)
     p.add_argument("--schedule", default=None, help="Layer kinds: v4, hybrid (HCA/CSA alternating, no window "
                    "or full layer), window, full, hca, csa, or a list like hca,csa,hca,window.")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="Override a config field (AttentionConfig or ModelConfig): --set window_size=32.")
     p.add_argument("--task", default=d.task, choices=("passkey", "mqar", "text"),
-                   help="Data: passkey retrieval, multi-query associative recall, or text files.")
-    p.add_argument("--digits", type=positive_int, default=5, help="--task passkey: digits of the key.")
-    p.add_argument("--data", default=None, help="--task text: a folder of text files (default: the Python "
-                   "standard library's source).")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
-    p.add_argument("--dense-steps", type=non_negative_int, default=d.dense_steps)
-    p.add_argument("--indexer-steps", type=non_negative_int, default=d.indexer_steps)
-    p.add_argument("--sparse-steps", type=non_negative_int, default=d.sparse_steps)
+                   help="Data: passkey retrieval, multi-query associative recall, or text files." + dflt)
+    p.add_argument("--digits", type=positive_int, default=5, help="Digits of the passkey." + dflt)
+    p.add_argument("--data", default=None, help="For --task text: a folder of text files (without it, the "
+                   "Python standard library's source).")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="Training length." + dflt)
+    p.add_argument("--dense-steps", type=non_negative_int, default=d.dense_steps,
+                   help="Steps of the dense phase (CSA attends to every entry, the indexer frozen)." + dflt)
+    p.add_argument("--indexer-steps", type=non_negative_int, default=d.indexer_steps,
+                   help="Steps of the indexer warm-up (only the indexers train, on their loss)." + dflt)
+    p.add_argument("--sparse-steps", type=non_negative_int, default=d.sparse_steps,
+                   help="Steps of sparse training (everything, task + indexer loss)." + dflt)
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="Global sequences per micro-step.")
-    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum)
-    p.add_argument("--lr", type=positive_float, default=d.lr)
-    p.add_argument("--indexer-lr", type=positive_float, default=d.indexer_lr)
-    p.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--indexer-weight", type=float, default=d.indexer_weight)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights).")
-    p.add_argument("--seed", type=seed, default=d.seed)
-    p.add_argument("--out", default=d.out, help="Output folder. Default: %(default)s")
-    p.add_argument("--log-every", type=positive_int, default=d.log_every)
-    p.add_argument("--save-every", type=non_negative_int, default=d.save_every)
+                   help="Global sequences per micro-step." + dflt)
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
+                   help="Micro-steps per optimizer step." + dflt)
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Peak learning rate." + dflt)
+    p.add_argument("--indexer-lr", type=positive_float, default=d.indexer_lr,
+                   help="Peak learning rate of the indexer warm-up." + dflt)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps,
+                   help="Linear warm-up steps of each phase (at most a tenth of it)." + dflt)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay of the matrices." + dflt)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="Gradient norm clip (0: none)." + dflt)
+    p.add_argument("--indexer-weight", type=float, default=d.indexer_weight,
+                   help="Weight of the indexer loss in sparse training." + dflt)
+    p.add_argument("--bf16", action="store_true", help="Train under bf16 autocast (fp32 master weights).")
+    p.add_argument("--seed", type=seed, default=d.seed, help="Seed of the weights and the data." + dflt)
+    p.add_argument("--out", default=d.out, help="Output folder." + dflt)
+    p.add_argument("--log-every", type=positive_int, default=d.log_every,
+                   help="Steps between lines of metrics.jsonl." + dflt)
+    p.add_argument("--save-every", type=non_negative_int, default=d.save_every,
+                   help="Steps between checkpoints (0: at the end only)." + dflt)
     p.add_argument("--parallel", choices=("ddp",), default=d.parallel,
-                   help="Under torchrun: DistributedDataParallel (FSDP2 is not wired yet).")
+                   help="Under torchrun: DistributedDataParallel (FSDP2 is not wired yet)." + dflt)
     p.add_argument("--resume", action="store_true", help="Continue the run in --out.")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="No progress line on stderr.")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
