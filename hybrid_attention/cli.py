@@ -28,6 +28,9 @@ SUBCOMMANDS = {
                  "Serve random prompts through the engine, beside the same model with every layer full."),
     "plan": ("hybrid_attention.planner",
              "Count the KV cache, FLOPs and memory of a hybrid, MLA or GQA model."),
+    "eval": ("hybrid_attention.eval",
+             "Evaluate a trained checkpoint: passkey accuracy by length and depth, indexer recall, "
+             "perplexity."),
     "train": ("hybrid_attention.train",
               "Train a HybridTransformer on byte-level tasks (passkey, MQAR, text), DeepSeek's recipe."),
 }

@@ -11,7 +11,11 @@ prefill (the engine's `on_prefill`) and then the decode (`on_token`).
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import json
+import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -35,9 +39,22 @@ def add_arguments(parser) -> None:
                         help="Model shapes: tiny and small run on a CPU; v4-flash and v4-pro are the "
                              "DeepSeek-V4 attention shapes with a dense MLP in place of the experts "
                              "(refused where they do not fit, see --force). Default: %(default)s.")
-    parser.add_argument("--checkpoint", metavar="FILE",
-                        help="A .safetensors file of HybridTransformer weights for the hybrid model (the "
-                             "dense baseline keeps random weights). Default: random weights.")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="A .safetensors file of HybridTransformer weights of --preset for the hybrid "
+                             "model (the dense baseline keeps random weights), or a training folder "
+                             "(config.json + model.safetensors, as `hybrid-attention train` writes), whose "
+                             "own config replaces --preset. Default: random weights.")
+    parser.add_argument("--task", choices=("random", "passkey"), default="random",
+                        help="random: random prompts, timed beside the dense baseline; passkey: one "
+                             "passkey prompt of --prompt-len tokens (key at --depth), answered greedily, "
+                             "and whether the answer is right. Default: %(default)s.")
+    parser.add_argument("--depth", type=fraction, default=0.5,
+                        help="--task passkey: where the key sentence goes in the filler, 0 (start) to 1 "
+                             "(end). Default: %(default)s.")
+    parser.add_argument("--digits", type=positive_int, default=None,
+                        help="--task passkey: digits of the key (default: the training run's, else 5).")
+    parser.add_argument("--key", default=None,
+                        help="--task passkey: the key itself, digits only (default: drawn from --seed).")
     parser.add_argument("--prompt-len", type=token_count, default=65536, metavar="TOKENS",
                         help="Tokens in each random prompt: an integer, or with a K or M suffix (128K, "
                              "1M; 1K = 1024). Default: %(default)s.")
@@ -66,7 +83,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="Do not draw the progress line.")
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def run(args) -> int:
+    if args.task == "passkey" or (args.checkpoint and Path(args.checkpoint).is_dir()):
+        return run_trained(args)
     rows = model_configs(args)
     if args.checkpoint:
         check_checkpoint(args.checkpoint, rows[0][1], args.preset)
@@ -136,6 +165,94 @@ def serve(name: str, cfg: ModelConfig, args) -> tuple[str, float, float, float, 
     decoded = sum(len(r.tokens) - 1 for r in results)
     return (name, ttft, decoded / decode_time if decode_time > 0 else float("nan"), elapsed,
             results[0].cache_bytes)
+
+
+# A trained checkpoint and the passkey task ------------------------------------------------------
+
+
+def run_trained(args) -> int:
+    """--checkpoint FOLDER and/or --task passkey: one model (no baseline) through the Engine."""
+    from .data import answer_ids, decode, min_passkey_length, passkey_prompt
+
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    if folder is not None and not folder.is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: --task passkey takes a training folder "
+                         f"(config.json + model.safetensors); a .safetensors file goes with --task random")
+    trained = _training_arguments(folder) if folder is not None else {}
+    passkey = args.task == "passkey"
+    digits = len(args.key) if args.key else args.digits or trained.get("task_options", {}).get("digits", 5)
+    if args.key is not None and not (args.key.isascii() and args.key.isdigit()):
+        raise UsageError(f"--key must be digits only, got {args.key!r}")
+    new_tokens = 1 + digits if passkey else args.new_tokens
+    if passkey and args.prompt_len < min_passkey_length(digits):
+        raise UsageError(f"--prompt-len {args.prompt_len} is too short for a {digits}-digit passkey: the key "
+                         f"sentence and the question need {min_passkey_length(digits)} tokens")
+    model = _trained_model(folder, args, args.prompt_len + new_tokens)
+    args.new_tokens, args.batch = new_tokens, 1
+    memory = check_memory([("model", model.cfg)], args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if passkey:
+        key = args.key or f"{random.Random(args.seed).randrange(10 ** digits):0{digits}d}"
+        sample = passkey_prompt(args.prompt_len, args.depth, key)
+        prompt = sample.prompt
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    source = str(folder) if folder is not None else f"preset {args.preset}, random weights"
+    print(f"# hybrid-attention generate: {source}, task={args.task} prompt={args.prompt_len} "
+          f"new={new_tokens} threads={torch.get_num_threads()}")
+    print(f"# memory: {memory}")
+    try:
+        engine = Engine(model, cache_bytes=int(args.cache_gib * (1 << 30)), max_batch=1,
+                        prefill_chunk=args.prefill_chunk)
+    except ValueError as err:
+        raise UsageError(f"--cache-gib {args.cache_gib:g} is too small for this model: {err}") from None
+    progress = Progress("model", args.prompt_len, new_tokens, stream=None if args.no_progress else sys.stderr)
+    callbacks = {"on_token": progress.token}
+    if ENGINE_REPORTS_PREFILL:
+        callbacks["on_prefill"] = progress.prefill
+    try:
+        result = engine.generate([prompt], max_new_tokens=new_tokens, **callbacks)[0]
+    finally:
+        progress.close()
+    if result.error:
+        raise UsageError(f"{result.error} (--cache-gib {args.cache_gib:g})")
+    decode_time = result.total_time - result.time_to_first_token
+    print(f"time to first token {result.time_to_first_token:.2f} s, decode "
+          f"{(len(result.tokens) - 1) / decode_time if decode_time > 0 else float('nan'):.2f} tok/s")
+    if not passkey:
+        print(f"generated: {result.tokens}")
+        return 0
+    right = list(result.tokens) == answer_ids(key)
+    print(f"needle at depth {sample.depth:.2f} (tokens {sample.needle[0]}-{sample.needle[1]}); "
+          f"the pass key is {key}")
+    print(f"answer: {decode(result.tokens).strip()!r} ({'right' if right else 'wrong'})")
+    return 0
+
+
+def _training_arguments(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "train.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _trained_model(folder: Path | None, args, tokens: int) -> HybridTransformer:
+    """The checkpoint's model with room for `tokens`, or the preset with random weights (--seed)."""
+    from .data import VOCAB_SIZE
+    from .train import load_checkpoint
+
+    if folder is None:
+        attention = AttentionConfig.preset(args.preset, quant=args.quant)
+        attention = attention.replace(max_seq_len=max(attention.max_seq_len, tokens))
+        torch.manual_seed(args.seed)
+        return HybridTransformer(ModelConfig.preset(args.preset, attention=attention, vocab_size=VOCAB_SIZE))
+    try:
+        limit = json.loads((folder / "config.json").read_text())["attention"]["max_seq_len"]
+        return load_checkpoint(folder, max_seq_len=max(int(limit), tokens))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--checkpoint {folder}: {err}") from None
 
 
 # Checks before anything is allocated ----------------------------------------------------------

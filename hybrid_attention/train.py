@@ -26,6 +26,7 @@ tokens, so N processes follow one process with the same global batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -271,8 +272,12 @@ def save_checkpoint(folder: str | Path, model: HybridTransformer, extra: dict | 
         os.replace(tmp, folder / "train_state.pt")
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> HybridTransformer:
-    """The HybridTransformer saved in a training folder (config.json + model.safetensors)."""
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
+                    max_seq_len: int | None = None) -> HybridTransformer:
+    """The HybridTransformer saved in a training folder (config.json + model.safetensors).
+
+    max_seq_len: raise (or lower) the model's length limit, e.g. to test length generalisation past
+    what it was configured for; it changes no weight."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -283,7 +288,14 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> H
         values = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{folder / 'config.json'}: cannot read it ({err})") from None
-    model = HybridTransformer(model_config_from_dict(values, str(folder / "config.json")))
+    model_cfg = model_config_from_dict(values, str(folder / "config.json"))
+    if max_seq_len is not None:
+        try:
+            model_cfg = dataclasses.replace(
+                model_cfg, attention=model_cfg.attention.replace(max_seq_len=max_seq_len))
+        except ValueError as err:
+            raise ValueError(f"max_seq_len: {err}") from None
+    model = HybridTransformer(model_cfg)
     tensors = load_file(str(folder / "model.safetensors"))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -371,7 +383,8 @@ def _wrap(model: nn.Module, cfg: TrainConfig, dist_: Dist, wrapped: nn.Module | 
 
     # DDP registers the parameters that require a gradient, so each phase (the indexer frozen in
     # the dense phase, everything else in its warm-up) gets its own wrapper.
-    return DistributedDataParallel(model, find_unused_parameters=True)
+    # Every parameter a phase trains takes part in its loss, so DDP need not search for unused ones.
+    return DistributedDataParallel(model)
 
 
 def _micro_batch(task, cfg: TrainConfig, step: int, micro: int, dist_: Dist):
@@ -390,9 +403,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     stop_after: stop (with a checkpoint) once this many steps are done, as an interrupted run
     would; `resume=True` then continues the same folder."""
+    dist_ = init_distributed()
+    finished = False
+    try:
+        result = _train(cfg, dist_, resume, progress, stop_after)
+        finished = True
+        return result
+    finally:
+        _close_distributed(dist_, wait=finished)
+
+
+def _close_distributed(dist_: Dist, wait: bool) -> None:
+    """Close the process group, after every rank is done when `wait`: a rank that exits while
+    the others still talk to it aborts under gloo ("terminate called without an active exception").
+    A rank that failed does not wait, so it exits with its error instead of hanging."""
+    if dist_.world == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_after: int | None) -> dict:
     from .data import IGNORE, make_task
 
-    dist_ = init_distributed()
     out = Path(cfg.out)
     state = None
     if resume:

@@ -134,13 +134,46 @@ def _exact_match(model, seq_len, digits, seed=123, n=48):
     return float(((predicted == batch.targets) | ~answer).all(1).float().mean())
 
 
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def _format_only_prompt(key: str, sentences_before: int, length: int) -> list[int]:
+    """A passkey prompt built from the published format alone (not from hybrid_attention.data):
+    filler sentences, the key sentence, filler (cut to fit), the question; `length` bytes."""
+    sentences = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    question = " What is the pass key? The pass key is"
+    head = "".join(sentences[i % 5] + " " for i in range(sentences_before)) + needle
+    tail = "".join(" " + sentences[i % 5] for i in range(sentences_before, sentences_before + 20))
+    text = head + tail[:length - len(head) - len(question)] + question
+    assert len(text) == length and text.startswith(head)
+    return list(text.encode())
+
+
 def test_hybrid_learns_passkey_past_its_window_where_window_cannot(tmp_path):
     # 128-token prompts, window 8: the key is 20-110 tokens before the question. Fixed seeds;
     # measured 1.0 (hybrid) and 0.0 (window) exact matches on fresh keys; the bounds keep a wide margin.
-    accuracy = {}
+    from hybrid_attention.engine import Engine
+    from hybrid_attention.eval import evaluate
+
+    accuracy, grid = {}, {}
     for schedule in ("hybrid", "window"):
         cfg = _cfg(tmp_path, schedule, schedule=schedule, sparse_steps=220, batch_size=16, lr=3e-3,
                    warmup_steps=20, weight_decay=0.0, task_options={"digits": 2}, log_every=50)
         accuracy[schedule] = _exact_match(train(cfg, progress=False)["model"], 128, 2)
+        # The saved checkpoint on a fresh needle grid (keys the training never drew), 126-token prompts.
+        grid[schedule] = evaluate(load_checkpoint(tmp_path / schedule), [126], [0.0, 0.25, 0.5, 0.75, 1.0],
+                                  per_cell=4, seed=7, digits=2, details=True)
     assert accuracy["hybrid"] >= 0.6, accuracy
     assert accuracy["window"] <= 0.2, accuracy
+    assert grid["hybrid"]["accuracy"][126] >= 0.6, grid["hybrid"]
+    assert grid["window"]["accuracy"][126] <= 0.2, grid["window"]
+
+    # The checkpoint answers prompts built from the format alone, through the Engine (greedy).
+    model = load_checkpoint(tmp_path / "hybrid")
+    keys = [f"{k:02d}" for k in (7, 19, 31, 42, 58, 63, 77, 84, 90, 96)]
+    prompts = [_format_only_prompt(key, i % 2, 126) for i, key in enumerate(keys)]
+    results = Engine(model, cache_bytes=8 << 20, max_batch=4).generate(prompts, max_new_tokens=3)
+    answers = [bytes(r.tokens).decode() for r in results]
+    right = sum(a == " " + k for a, k in zip(answers, keys, strict=True))
+    assert right >= 6, list(zip(keys, answers, strict=True))
