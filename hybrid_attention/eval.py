@@ -52,7 +52,8 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
 
     Returns {"accuracy": {length: fraction}, "by_depth": {length: {depth: fraction}},
     "digit_accuracy": {length: fraction of answer tokens right}, "indexer_recall": fraction or
-    None, "indexer_recall_by_length": {length: fraction} (empty without CSA layers),
+    None, "indexer_recall_by_length": {length: fraction} and "indexer_recall_by_layer": {layer
+    id: fraction} (empty without CSA layers),
     "perplexity": float or None, and the grid's settings}; details: also "cases", one
     {"length", "depth", "key", "right"} per prompt, in needle_grid's order."""
     if not isinstance(model, HybridTransformer):
@@ -73,6 +74,7 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
     recall_hits = {n: 0 for n in lengths}
     recall_total = {n: 0 for n in lengths}
     verdicts = {}
+    layer_hits, layer_total = dict.fromkeys(csa, 0), dict.fromkeys(csa, 0)
     bar = _bar(len(cases), progress)
     batches = [group[a:a + batch_size] for group in ([c for c in cases if c.length == n] for n in lengths)
                for a in range(0, len(group), batch_size)]  # a batch never mixes lengths
@@ -94,6 +96,8 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
                 hit = torch.isin(p, entries).any(-1)  # [digits]
                 recall_hits[n] += int(hit.sum())
                 recall_total[n] += hit.numel()
+                layer_hits[layer] += int(hit.sum())
+                layer_total[layer] += hit.numel()
         bar.update(len(group))
     bar.close()
 
@@ -106,6 +110,7 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
         "indexer_recall": hits / total if csa and total else None,
         "indexer_recall_by_length": {n: recall_hits[n] / recall_total[n] for n in lengths
                                      if recall_total[n]},
+        "indexer_recall_by_layer": {i: layer_hits[i] / layer_total[i] for i in csa if layer_total[i]},
         "perplexity": None,
         "lengths": lengths, "depths": depths, "per_cell": per_cell, "digits": digits, "seed": seed,
     }
@@ -200,25 +205,24 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("checkpoint", help="A training folder (config.json + model.safetensors).")
     parser.add_argument("--lengths", default=None,
-                        help="Comma-separated prompt lengths (default: 1x, 2x and 4x the training "
-                             "seq_len, capped at the model's max_seq_len).")
+                        help="Comma-separated prompt lengths. Default: 1x, 2x and 4x the training seq_len.")
     parser.add_argument("--depths", default=",".join(str(d) for d in DEFAULT_DEPTHS),
-                        help="Comma-separated needle depths in [0, 1] (default: %(default)s).")
+                        help="Comma-separated needle depths in [0, 1]. Default: %(default)s.")
     parser.add_argument("--per-cell", type=positive_int, default=4,
-                        help="Keys per (length, depth) cell (default: %(default)s).")
+                        help="Keys per (length, depth) cell. Default: %(default)s.")
     parser.add_argument("--digits", type=positive_int, default=None,
-                        help="Digits of each key (default: the training run's, else 5).")
+                        help="Digits of each key. Default: the training run's, else 5.")
     parser.add_argument("--seed", type=seed, default=1,
-                        help="Seed of the grid's keys (default: %(default)s; training used other keys).")
+                        help="Seed of the grid's keys (training drew other keys). Default: %(default)s.")
     parser.add_argument("--batch-size", type=positive_int, default=8,
-                        help="Prompts per forward (default: %(default)s).")
+                        help="Prompts per forward. Default: %(default)s.")
     parser.add_argument("--text", default=None,
-                        help="Folder of text files for the perplexity (default: the Python standard "
-                             "library's source).")
+                        help="Folder of text files for the perplexity. Default: the Python standard "
+                             "library's source.")
     parser.add_argument("--text-batches", type=int, default=2,
-                        help="Validation batches for the perplexity, 0 to skip it (default: %(default)s).")
+                        help="Validation batches for the perplexity, 0 to skip it. Default: %(default)s.")
     parser.add_argument("--plot", default=None,
-                        help="Where to write the heatmap PNG (default: CHECKPOINT/needle.png).")
+                        help="Where to write the heatmap PNG. Default: CHECKPOINT/needle.png.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
     parser.add_argument("--no-progress", action="store_true", help="No progress counter on stderr.")
 

@@ -45,16 +45,16 @@ def add_arguments(parser) -> None:
                              "(config.json + model.safetensors, as `hybrid-attention train` writes), whose "
                              "own config replaces --preset. Default: random weights.")
     parser.add_argument("--task", choices=("random", "passkey"), default="random",
-                        help="random: random prompts, timed beside the dense baseline; passkey: one "
-                             "passkey prompt of --prompt-len tokens (key at --depth), answered greedily, "
-                             "and whether the answer is right. Default: %(default)s.")
+                        help="What to serve. random: random prompts, timed beside the dense baseline; "
+                             "passkey: one passkey prompt of --prompt-len tokens (key at --depth), "
+                             "answered greedily, and whether the answer is right. Default: %(default)s.")
     parser.add_argument("--depth", type=fraction, default=0.5,
-                        help="--task passkey: where the key sentence goes in the filler, 0 (start) to 1 "
-                             "(end). Default: %(default)s.")
+                        help="With --task passkey: where the key sentence goes in the filler, 0 (start) "
+                             "to 1 (end). Default: %(default)s.")
     parser.add_argument("--digits", type=positive_int, default=None,
-                        help="--task passkey: digits of the key (default: the training run's, else 5).")
+                        help="With --task passkey: digits of the key. Default: the training run's, else 5.")
     parser.add_argument("--key", default=None,
-                        help="--task passkey: the key itself, digits only (default: drawn from --seed).")
+                        help="With --task passkey: the key itself, digits only. Default: drawn from --seed.")
     parser.add_argument("--prompt-len", type=token_count, default=65536, metavar="TOKENS",
                         help="Tokens in each random prompt: an integer, or with a K or M suffix (128K, "
                              "1M; 1K = 1024). Default: %(default)s.")
@@ -248,6 +248,9 @@ def _trained_model(folder: Path | None, args, tokens: int) -> HybridTransformer:
         attention = attention.replace(max_seq_len=max(attention.max_seq_len, tokens))
         torch.manual_seed(args.seed)
         return HybridTransformer(ModelConfig.preset(args.preset, attention=attention, vocab_size=VOCAB_SIZE))
+    if not all((folder / name).is_file() for name in ("config.json", "model.safetensors")):
+        raise UsageError(f"--checkpoint {folder}: not a file, and not a training folder (it needs "
+                         f"config.json and model.safetensors)")
     try:
         limit = json.loads((folder / "config.json").read_text())["attention"]["max_seq_len"]
         return load_checkpoint(folder, max_seq_len=max(int(limit), tokens))
