@@ -143,6 +143,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="layer shapes (default: small)")
     parser.add_argument("--query-block-size", type=int, default=0,
                         help="override the config's query_block_size; 0 = the preset's")
+    parser.add_argument("--quant", default="none", choices=("none", "official"),
+                        help="the layers' precision mode: official rounds K/V to FP8 and the indexer to "
+                             "FP4 as DeepSeek's code does (and lets the CPU indexer score in int8, "
+                             "exactly) (default: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = default")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = demo_config(args.preset)
+    cfg = demo_config(args.preset).replace(quant=args.quant)
     if args.query_block_size:
         cfg = cfg.replace(query_block_size=args.query_block_size)
     layers = {kind: HybridAttention(cfg, KINDS.index(kind)).eval() for kind in args.kinds}
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
           f"preset {args.preset}: dim {cfg.dim}, {cfg.n_heads} heads x {cfg.head_dim}, window "
           f"{cfg.window_size}, CSA ratio {cfg.csa_ratio} top-{cfg.index_topk}, HCA ratio "
           f"{cfg.compress_ratios[KINDS.index('hca')]}, query block {cfg.query_block_size} | batch 1, "
-          f"fp32, no_grad | dense: SDPA is_causal, {dense_kv} | peak = RSS growth "
+          f"fp32, quant {args.quant}, no_grad | dense: SDPA is_causal, {dense_kv} | peak = RSS growth "
           f"({peak_memory_method()}) | time: median of {args.repeats} interleaved rounds after a warm-up")
     print(format_row(("tokens", "kind", "prefill s", "vs dense", "peak MB", "vs dense", "GFLOP/s",
                       "keys/query")))

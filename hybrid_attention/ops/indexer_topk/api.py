@@ -7,6 +7,7 @@ import torch
 from ...checks import check_int, check_same_device, check_tensor
 from ..dispatch import resolve_backend
 from .common import FP4_BLOCK, FP4Keys
+from .cpu import indexer_topk_cpu
 from .reference import indexer_topk_reference
 
 
@@ -24,7 +25,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP
     The ids come in ascending order; ties go to the lower id, so the set depends only on the scores.
     When a query sees fewer than k entries, its list ends in -1s. Callers add their row offset.
 
-    backend: "torch" (blocks of `query_block` queries against the entries they can see), "triton"
+    backend: "torch" (blocks of `query_block` queries against the entries they can see; on a CPU
+    the scores' GEMM runs in int8 where that is exact, see cpu.py), "triton"
     (fused scoring and a running top-k per query block; the score matrix never reaches global
     memory), or "auto" (Triton for CUDA tensors, else torch). Not differentiable: the selection is
     discrete, and the indexer trains through its own loss on gathered scores.
@@ -44,6 +46,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP
             from .triton import indexer_topk_triton
 
             return indexer_topk_triton(q, weights, keys, k, visible)
+        if not q.is_cuda:
+            return indexer_topk_cpu(q, weights, keys, k, visible, query_block)
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
 
 

@@ -1,0 +1,157 @@
+"""The CPU backend of the indexer top-k: the reference's tiles, with the scores' GEMM in int8 where
+that gives the same numbers bit for bit.
+
+Why it is exact. With quant="official" the indexer's queries and keys are FP4 e2m1 values times a
+power of two per 32 values (SPEC 12). Scaled by one power of two per row, such a row is a row of
+small integers: `row = ints * 2^u` with |ints| <= 127 whenever its blocks' scales lie within 2^3 of
+each other (the e2m1 values are multiples of 0.5 up to 6). Then q . k = (ints_q . ints_k) *
+2^(u_q + u_k), and the integer dot product is exact in int32. The fp32 GEMM of the reference
+computes the same value exactly too: every partial sum is a multiple of 2^(u_q + u_k) below 2^24
+of them (d * 127^2 < 2^24 for d <= 1040), so no addition rounds, in whatever order the GEMM adds.
+The two paths therefore produce equal per-head products; the ReLU, the weighting and the head sum
+that follow are the reference's own operations on equal values, so the scores and the picks are
+bit-identical.
+
+When it applies (checked on every call, nothing assumed): fp32 queries, every query row and every
+key row representable as above (`int8_rows`), d <= 1024, scales in fp32's normal range, and the
+weights times 2^u_q exact. Anything else (bf16 models, quant="none", a row with an outlying block)
+runs the reference path, so the result never depends on which path ran. The int8 GEMM is
+`torch._int_mm` (oneDNN's int8 kernels); it is used where the CPU has int8 dot-product
+instructions (`int8_gemm_is_fast`, read from /proc/cpuinfo at import; `USE_INT8`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import FP4Keys
+from .reference import MIN_KEY_CHUNK, QUERY_TILE, SCORE_TILE, TOPK_GROUP, indexer_topk_reference, top_entries
+
+
+def int8_gemm_is_fast() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), with
+    which oneDNN's int8 GEMM beats fp32; elsewhere int8 is still exact but not worth the checks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+# Read once at import; benchmarks and tests set it to compare the two routes in one process.
+USE_INT8 = int8_gemm_is_fast()
+MAX_DIM = 1024  # d * 127^2 < 2^24: the int32 dot products convert to fp32 exactly
+_MIN_EXPONENT = -126  # scales stay normal fp32 numbers
+_MAX_EXPONENT = 100  # and |dots| * 2^(u_q + u_k) < 2^24 * 2^100, far below fp32's 2^128
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x [..., d] fp32 -> (ints int8 [..., d], u int32 [...]) with x = ints * 2^u exactly, or None
+    when some row is not such a row. u puts each row's largest magnitude just below 2^7."""
+    _, e = torch.frexp(x.abs().amax(dim=-1))  # amax < 2^e (e = 0 for a zero row)
+    u = e - 7
+    scaled = x * _pow2(-u)[..., None]  # exact: a power of two (u is checked by the caller)
+    ints = scaled.to(torch.int8)  # |scaled| < 128; truncates what is not an integer...
+    if not torch.equal(ints.to(torch.float32), scaled):  # ...which this catches, as it does inf / nan
+        return None
+    return ints, u
+
+
+def _pow2(u: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones_like(u, dtype=torch.float32), u.float())
+
+
+def int8_operands(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor):
+    """(q ints [b, s, hi, d], weights * 2^u_q [b, s, hi], key ints [b, t, d], 2^u_k [b, t]) when the
+    int8 scores equal the fp32 ones bit for bit, else None (see the module docstring)."""
+    if q.dtype != torch.float32 or keys.dtype != torch.float32 or q.size(-1) > MAX_DIM or keys.size(1) == 0:
+        return None
+    rows_q, rows_k = int8_rows(q), int8_rows(keys)
+    if rows_q is None or rows_k is None:
+        return None
+    (q_ints, u_q), (k_ints, u_k) = rows_q, rows_k
+    if int(u_q.min()) + int(u_k.min()) < _MIN_EXPONENT or int(u_k.min()) < _MIN_EXPONENT:
+        return None
+    if int(u_q.max()) + int(u_k.max()) > _MAX_EXPONENT:  # a dot product could overflow fp32
+        return None
+    scaled_weights = weights * _pow2(u_q)
+    if not torch.equal(scaled_weights * _pow2(-u_q), weights):  # 2^u_q w lost bits (or overflowed)
+        return None
+    # Every product and partial sum, with or without the factor 2^u_k, stays a normal fp32 number
+    # (or an exact one): its smallest nonzero size is that of the smallest weight's ulp.
+    magnitude = scaled_weights.abs()
+    smallest = magnitude[magnitude > 0].min() if bool((magnitude > 0).any()) else None
+    if smallest is not None:
+        low = math.log2(float(smallest)) - 24 + min(int(u_k.min()), 0)
+        high = math.log2(float(magnitude.max())) + math.log2(127 * 127 * q.size(-1) * q.size(2)) \
+            + max(int(u_k.max()), 0)
+        if low < _MIN_EXPONENT or high > _MAX_EXPONENT:
+            return None
+    return q_ints, scaled_weights, k_ints, _pow2(u_k)
+
+
+def int8_block_scores(q_ints: torch.Tensor, weights: torch.Tensor, k_ints: torch.Tensor,
+                      k_scale: torch.Tensor, ints: torch.Tensor, products: torch.Tensor,
+                      out: torch.Tensor) -> None:
+    """The scores of one tile (`reference.block_scores` on the values these ints stand for):
+    q_ints [b, n, hi, d], weights [b, n, hi] (times 2^u_q), k_ints [b, t, d], k_scale [b, t];
+    `ints` (int32) and `products` (fp32) are flat workspaces of b*n*hi*t elements or more; writes
+    fp32 [b, n, t] into `out`.
+
+    The key's scale 2^u_k is common to every head of a score, and multiplying by a power of two
+    commutes with fp32 rounding (away from overflow and subnormals, which `int8_operands` rules
+    out), so it is applied once to the head sum: round(v_h w_h) summed over h, times 2^u_k, is the
+    reference's sum of round(v_h 2^u_k w_h), bit for bit."""
+    b, n, hi, d = q_ints.shape
+    t = k_ints.size(1)
+    for i in range(b):
+        dots = torch._int_mm(q_ints[i].reshape(n * hi, d), k_ints[i].t(),
+                             out=ints[: n * hi * t].view(n * hi, t))  # [n * hi, t] int32
+        dots.clamp_min_(0)  # the ReLU, on the integers (the scales are positive)
+        # int32 -> fp32 is exact (|dots| < 2^24); times the weight (x 2^u_q): one rounding each.
+        per_head = torch.mul(dots.view(1, n, hi, t), weights[i, :, :, None],
+                             out=products[: n * hi * t].view(1, n, hi, t))
+        row = out[i:i + 1]
+        torch.sum(per_head, dim=2, out=row)
+        row.mul_(k_scale[i])
+
+
+def indexer_topk_cpu(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP4Keys, k: int,
+                     visible: torch.Tensor, query_block: int | None = None) -> torch.Tensor:
+    """`indexer_topk_reference`, scoring with int8 GEMMs when they are exact (else the reference)."""
+    if isinstance(keys, FP4Keys):
+        keys = keys.dequantize(q.dtype)
+    b, s = q.shape[:2]
+    operands = int8_operands(q, weights, keys) if USE_INT8 and k and s else None
+    if operands is None:
+        return indexer_topk_reference(q, weights, keys, k, visible, query_block)
+    q_ints, scaled_weights, k_ints, k_scale = operands
+    picks = torch.full((b, s, k), -1, dtype=torch.int32, device=q.device)
+    n_keys, hi = keys.size(1), q.size(2)
+    # The reference's tiling (see reference.py): query tiles against key chunks, groups of tiles
+    # per top-k call. The same tiles, so the same scores land in the same places.
+    tile = min(s, query_block or max(1, QUERY_TILE // b))
+    chunk = max(MIN_KEY_CHUNK, SCORE_TILE // (b * tile * hi) // 8 * 8)
+    group = query_block or tile * max(1, TOPK_GROUP // max(1, b * tile * n_keys))
+    size = b * tile * hi * min(chunk, n_keys)
+    ints = torch.empty(size, dtype=torch.int32)
+    products = torch.empty(size)
+    for g in range(0, s, group):
+        seen = visible[:, g:g + group].long()  # [b, n]
+        n_cols = int(seen.max())
+        if n_cols == 0:
+            continue
+        scores = torch.empty(b, seen.size(1), -(-n_cols // 8) * 8, device=q.device)
+        for start in range(g, min(s, g + group), tile):
+            rows = slice(start - g, start - g + tile)
+            width = int(seen[:, rows].max())
+            for c in range(0, width, chunk):
+                cols = slice(c, min(width, c + chunk))
+                int8_block_scores(q_ints[:, start:start + tile], scaled_weights[:, start:start + tile],
+                                  k_ints[:, cols], k_scale[:, cols], ints, products, scores[:, rows, cols])
+        chosen = min(k, n_cols)
+        picks[:, g:g + group, :chosen] = top_entries(scores, seen, chosen)
+    return picks

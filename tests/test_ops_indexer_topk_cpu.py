@@ -1,0 +1,123 @@
+"""The CPU backend of indexer_topk: int8 scoring where it is exact, bit-identical to the fp32
+reference (scores and picks); the reference path wherever exactness cannot be shown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybrid_attention.attention import HybridAttention
+from hybrid_attention.config import AttentionConfig
+from hybrid_attention.ops import FP4Keys
+from hybrid_attention.ops.indexer_topk import cpu
+from hybrid_attention.ops.indexer_topk.reference import block_scores, indexer_topk_reference
+from hybrid_attention.quant import fake_quant_fp4
+
+
+def official_inputs(b, s, heads, d, t, seed=0, spread=1):
+    """Queries and keys as quant="official" has them (FP4 with a power-of-two scale per 32
+    values), the blocks' sizes up to 2^spread apart; weights at full fp32 precision."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rows(*shape):
+        x = torch.randn(*shape, generator=g)
+        sizes = torch.exp2(torch.randint(0, spread + 1, (*shape[:-1], d // 32), generator=g).float())
+        return fake_quant_fp4(x * sizes.repeat_interleave(32, -1), block=32)
+
+    q = rows(b, s, heads, d)
+    keys = rows(b, t, d)
+    weights = torch.randn(b, s, heads, generator=g) * 0.3
+    return q, weights, keys
+
+
+def causal(s, t, ratio=4):
+    return ((torch.arange(s) + 1) // ratio).clamp_max(t)
+
+
+@pytest.mark.parametrize("b, s, heads, d, t, k", [
+    (1, 300, 8, 64, 75, 16),
+    (2, 129, 4, 128, 40, 7),
+    (1, 64, 3, 32, 16, 16),  # k = every entry
+    (3, 50, 2, 64, 600, 5),  # more keys than one chunk of some tiles
+])
+def test_int8_picks_equal_the_reference(b, s, heads, d, t, k):
+    q, weights, keys = official_inputs(b, s, heads, d, t)
+    assert cpu.int8_operands(q, weights, keys) is not None  # the int8 route is the one tested
+    visible = causal(s, t).expand(b, s).int()
+    ref = indexer_topk_reference(q, weights, keys, k, visible)
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, k, visible), ref)
+    fp4 = FP4Keys.quantize(keys)  # the engine's storage: the same values
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, fp4, k, visible), ref)
+
+
+def test_int8_scores_equal_the_reference_bit_for_bit():
+    q, weights, keys = official_inputs(2, 40, 8, 64, 300, seed=3)
+    q_ints, w, k_ints, k_scale = cpu.int8_operands(q, weights, keys)
+    n = 2 * 40 * 8 * 300
+    out = torch.empty(2, 40, 300)
+    cpu.int8_block_scores(q_ints, w, k_ints, k_scale, torch.empty(n, dtype=torch.int32), torch.empty(n), out)
+    ref = block_scores(q, weights, keys)
+    assert torch.equal(out + 0.0, ref + 0.0)  # + 0.0: -0.0 and 0.0 are the same score
+
+
+def test_ties_go_to_the_lower_id_on_both_routes():
+    q, weights, keys = official_inputs(1, 200, 4, 64, 50, seed=1)
+    keys[:, 1::2] = keys[:, 0::2]  # every entry has a twin: ties everywhere
+    weights[:, 150] = 0.0  # a query (it sees 37 entries) whose scores are all 0
+    visible = causal(200, 50)[None].int()
+    ref = indexer_topk_reference(q, weights, keys, 6, visible)
+    assert cpu.int8_operands(q, weights, keys) is not None
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, 6, visible), ref)
+    assert (ref[0, 150] == torch.arange(6, dtype=torch.int32)).all()  # all tied: the lowest ids
+
+
+@pytest.mark.parametrize("case", ["quant-none", "bf16", "wide-spread", "tiny-weights", "huge-dim"])
+def test_the_reference_runs_where_int8_cannot_be_shown_exact(case):
+    q, weights, keys = official_inputs(1, 64, 4, 64, 16, seed=2)
+    if case == "quant-none":
+        q = torch.randn_like(q)  # fp32 values with 24-bit mantissas
+    elif case == "bf16":
+        q, weights, keys = q.bfloat16(), weights.bfloat16(), keys.bfloat16()
+    elif case == "wide-spread":
+        q[..., :32] *= 2.0**6  # one block 2^6 above the other: the row needs more than 7 bits
+    elif case == "tiny-weights":
+        weights[0, 0, 0] = 2.0**-120  # products near fp32's subnormals
+    elif case == "huge-dim":
+        q, weights, keys = official_inputs(1, 4, 1, 1056, 4, seed=2)
+    assert cpu.int8_operands(q, weights, keys) is None
+    visible = causal(q.size(1), keys.size(1))[None].int()
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, 3, visible),
+                       indexer_topk_reference(q, weights, keys, 3, visible))
+
+
+@settings(max_examples=100, deadline=None)
+@given(s=st.integers(1, 90), heads=st.integers(1, 5), d=st.sampled_from([32, 64, 96]), t=st.integers(1, 40),
+       k=st.integers(0, 12), spread=st.integers(0, 6), seed=st.integers(0, 2**16), repeat=st.booleans())
+def test_property_the_cpu_backend_always_equals_the_reference(s, heads, d, t, k, spread, seed, repeat):
+    # Whichever route runs (spread > 3 usually sends it to the reference), the picks are the same.
+    q, weights, keys = official_inputs(1, s, heads, d, t, seed=seed, spread=spread)
+    if repeat and t > 1:
+        keys[:, 1] = keys[:, 0]
+    k = min(k, t)
+    visible = causal(s, t, ratio=1)[None].int()
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, k, visible),
+                       indexer_topk_reference(q, weights, keys, k, visible))
+
+
+def test_a_csa_layer_with_official_quant_gives_the_same_output_either_route(monkeypatch):
+    cfg = AttentionConfig.preset("tiny", compress_ratios=[4], quant="official")
+    torch.manual_seed(0)
+    layer = HybridAttention(cfg, 0).eval()
+    x = torch.randn(1, 200, cfg.dim)
+    taken = []
+    original = cpu.int8_operands
+    monkeypatch.setattr(cpu, "int8_operands", lambda *a: taken.append(original(*a)) or taken[-1])
+    with torch.no_grad():
+        monkeypatch.setattr(cpu, "USE_INT8", True)
+        fast = layer(x)
+        assert taken and all(t is not None for t in taken)  # int8 scored every call
+        monkeypatch.setattr(cpu, "USE_INT8", False)
+        slow = layer(x)
+    assert torch.equal(fast, slow)
