@@ -38,14 +38,16 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 @dataclass(frozen=True)
 class StorageFormat:
     """How one cached row is stored: `bits` per value, plus one scale of `scale_bytes` per `block`
-    values. The rope dims of a KV entry stay bf16 beside a quantised rest (SPEC 3.3, 12); indexer
-    keys are quantised over every dim. Rows are padded to `ROW_ALIGN` bytes."""
+    values. The rope dims of a KV entry stay unquantised beside a quantised rest, `rope_bytes` each
+    (bf16 in DeepSeek's stack, SPEC 3.3, 12; fp32 in an fp32 model's cache); indexer keys are
+    quantised over every dim. Rows are padded to `ROW_ALIGN` bytes."""
 
     name: str
     bits: int
     block: int = 0
     scale_bytes: int = 0
     description: str = ""
+    rope_bytes: int = 2
 
     @property
     def quantised(self) -> bool:
@@ -57,7 +59,7 @@ class StorageFormat:
         packed = dims - rope_dims
         data = math.ceil(packed * self.bits / 8)
         scales = math.ceil(packed / self.block) * self.scale_bytes if self.block else 0
-        return _round_up(data + scales + 2 * rope_dims, ROW_ALIGN)
+        return _round_up(data + scales + self.rope_bytes * rope_dims, ROW_ALIGN)
 
 
 ROW_ALIGN = 4
@@ -65,6 +67,8 @@ FORMATS = {f.name: f for f in (
     StorageFormat("fp32", 32, description="float32"),
     StorageFormat("bf16", 16, description="bfloat16"),
     StorageFormat("fp8", 8, 64, 1, "FP8 e4m3, one ue8m0 scale per 64 values, rope dims bf16 (DeepSeek-V4)"),
+    StorageFormat("fp8-rope32", 8, 64, 1, "FP8 e4m3 as fp8, rope dims fp32 (an fp32 model's cache)",
+                  rope_bytes=4),
     StorageFormat("fp8-b128", 8, 128, 4,
                   "FP8 e4m3, one fp32 scale per 128 values, rope dims bf16 (DeepSeek-V3.2, FlashMLA)"),
     StorageFormat("fp8-tensor", 8, description="FP8 e4m3 with one scale per tensor (negligible)"),
@@ -90,6 +94,14 @@ DEFAULT_PRECISIONS = {
     "kv": "bf16",
 }
 TAIL_FORMATS = ("fp32", "bf16")
+
+
+def official_precisions(value_bytes: int) -> dict[str, str]:
+    """The formats the Engine's cache uses with quant="official" for a model of `value_bytes` per
+    value: FP8 entries whose rope dims keep the model's dtype, FP4 indexer keys (the defaults)."""
+    if value_bytes == 2:
+        return {}
+    return {key: "fp8-rope32" for key, fmt in DEFAULT_PRECISIONS.items() if fmt == "fp8"}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -999,7 +1011,7 @@ def engine_memory(cfg: ModelConfig, context: int, batch: int, tokens_per_step: i
     per_token = 4 * att.dim + 3 * att.n_heads * att.head_dim + 3 * cfg.ffn_hidden
     activations = tokens_per_step * per_token * value_bytes + score_values * 4
     value_format = {4: "fp32", 2: "bf16"}[value_bytes]
-    precisions = {} if att.quant == "official" else {"all": value_format}
+    precisions = official_precisions(value_bytes) if att.quant == "official" else {"all": value_format}
     cache_needed = kv_cache_bytes(spec, context, batch, precisions)
     return {"weights": weights, "cache_budget": cache_bytes, "activations": activations,
             "total": weights + cache_bytes + activations, "cache_needed": cache_needed}
@@ -1337,6 +1349,7 @@ def plot(models: list[ModelSpec], path: str, batch: int = 1, precisions: dict | 
 
 
 __all__ = [
+    "official_precisions",
     "DEFAULT_PRECISIONS", "FORMATS", "GPUS", "STORAGE_TYPES", "FFNSpec", "FlopTerm", "GQASpec", "KeyCount",
     "MLASpec", "ModelSpec", "StorageFormat", "attention_only", "decode_bytes_read", "decode_flops",
     "engine_memory", "flop_terms", "gpu_memory", "kv_cache_bytes", "kv_cache_bytes_by_type",
