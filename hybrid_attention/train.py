@@ -18,8 +18,9 @@ line per logged step) and `loss.png`. `--resume` continues a folder; on a CPU th
 for bit those of a run that never stopped.
 
 Under `torchrun --nproc-per-node N` it trains with torch.distributed (gloo on a CPU, NCCL on
-CUDA) with DDP. Every rank builds the same global
-micro-batch and takes its slice, and the task loss is normalised by the global count of target
+CUDA) with DDP, or with FSDP2 (`--parallel fsdp2`: `fully_shard` per block and the root; the
+checkpoint holds the full state, which any number of ranks can resume). Every rank builds the
+same global micro-batch and takes its slice, and the task loss is normalised by the global count of target
 tokens, so N processes follow one process with the same global batch.
 """
 
@@ -49,6 +50,9 @@ _KIND_NAMES = ("window", "csa", "hca", "full")
 
 
 # Configuration ---------------------------------------------------------------------------------
+
+
+PARALLEL = ("ddp", "fsdp2")  # how torchrun ranks share the model
 
 
 @dataclass
@@ -88,7 +92,7 @@ class TrainConfig:
     out: str = "runs/train"
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
-    parallel: str = "ddp"  # under torchrun: DDP (FSDP2 is not wired yet)
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp2" (fully_shard per block and the root)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -111,8 +115,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "indexer_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if self.parallel != "ddp":
-            raise ValueError(f"TrainConfig.parallel must be 'ddp' (FSDP2 is not wired yet), "
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"TrainConfig.parallel must be one of {', '.join(PARALLEL)}, "
                              f"got {self.parallel!r}")
 
     @property
@@ -377,7 +381,7 @@ def init_distributed() -> Dist:
 
 def _wrap(model: nn.Module, cfg: TrainConfig, dist_: Dist, wrapped: nn.Module | None) -> nn.Module:
     """The module the loop calls in a new phase: the model itself or DDP around it."""
-    if dist_.world == 1:
+    if dist_.world == 1 or cfg.parallel == "fsdp2":  # FSDP2 shards the model itself, once
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -444,11 +448,13 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
     random.seed(cfg.seed)
     model_cfg = build_model_config(cfg)
     model = HybridTransformer(model_cfg).to(dist_.device)
+    if state is not None:
+        model.load_state_dict(load_checkpoint(out).state_dict())
+    _shard(model, cfg, dist_)
     optimizer = make_optimizer(model, cfg)
     step, losses = 0, []
     if state is not None:
-        model.load_state_dict(load_checkpoint(out).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(model, optimizer, state["optimizer"], cfg)
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -527,13 +533,59 @@ def _sum_over_ranks(values: tuple[float, ...], dist_: Dist) -> tuple[float, ...]
     return tuple(float(v) for v in t)
 
 
+def _shard(model: nn.Module, cfg: TrainConfig, dist_: Dist) -> bool:
+    """FSDP2 under torchrun with parallel="fsdp2": each block is its own unit (its parameters are
+    gathered for its forward and backward, its gradients reduce-scattered after), the root holds the
+    embedding, the final norm and the head. Frozen parameters of a phase simply get no gradient."""
+    if dist_.world == 1 or cfg.parallel != "fsdp2":
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return True
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _optimizer_state(model: nn.Module, optimizer, cfg: TrainConfig) -> dict:
+    """ddp: the optimizer's own state dict; fsdp2: the full (unsharded) one by parameter name, which
+    any number of ranks (one included) can load."""
+    if cfg.parallel != "fsdp2":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
+
+
+def _load_optimizer_state(model: nn.Module, optimizer, saved: dict, cfg: TrainConfig) -> None:
+    if cfg.parallel != "fsdp2":
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=_state_dict_options())
+
+
 def _save(out: Path, model, optimizer, step: int, losses: list, dist_: Dist, cfg: TrainConfig) -> None:
-    """The checkpoint, written by rank 0 (DDP keeps every rank's copy equal)."""
+    """The checkpoint, written by rank 0. DDP keeps every rank's copy equal; under FSDP2 every
+    rank takes part in gathering the full state first."""
+    tensors = None
+    if cfg.parallel == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        tensors = get_model_state_dict(model, options=_state_dict_options())
+    optimizer_state = _optimizer_state(model, optimizer, cfg)
     if not dist_.main:
         return
-    extra = {"optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+    extra = {"optimizer": optimizer_state, "step": step, "losses": losses,
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    save_checkpoint(out, model, extra)
+    save_checkpoint(out, model, extra, tensors=tensors)
 
 
 def plot_losses(losses: list[dict], path: Path) -> bool:
@@ -654,8 +706,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Steps between lines of metrics.jsonl." + dflt)
     p.add_argument("--save-every", type=non_negative_int, default=d.save_every,
                    help="Steps between checkpoints (0: at the end only)." + dflt)
-    p.add_argument("--parallel", choices=("ddp",), default=d.parallel,
-                   help="Under torchrun: DistributedDataParallel (FSDP2 is not wired yet)." + dflt)
+    p.add_argument("--parallel", choices=PARALLEL, default=d.parallel,
+                   help="Under torchrun: ddp (DistributedDataParallel, every rank holds the model) or "
+                        "fsdp2 (fully_shard of each block and the root: parameters, gradients and "
+                        "optimizer state sharded over the ranks)." + dflt)
     p.add_argument("--resume", action="store_true", help="Continue the run in --out.")
     p.add_argument("--no-progress", action="store_true", help="No progress line on stderr.")
 

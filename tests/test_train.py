@@ -100,10 +100,11 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()  # a bad config writes nothing
 
 
-def test_two_gloo_processes_follow_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_gloo_processes_follow_one(tmp_path, parallel):
     common = ["train", "--schedule", "hca,csa", "--seq-len", "128", "--dense-steps", "1",
               "--indexer-steps", "1", "--sparse-steps", "2", "--batch-size", "4", "--log-every", "1",
-              "--no-progress"]
+              "--no-progress", "--parallel", parallel]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "hybrid_attention.cli"] + common + ["--out", str(tmp_path / "two")]
@@ -122,6 +123,11 @@ def test_two_gloo_processes_follow_one(tmp_path):
     p1, p2 = _params(load_checkpoint(tmp_path / "one")), _params(load_checkpoint(tmp_path / "two"))
     for k in p1:
         torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=k)
+    if parallel == "fsdp2":  # the optimizer state was gathered whole: keyed by parameter name, full shapes
+        saved = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["optimizer"]["state"]
+        for name, exp_avg in ((k, v["exp_avg"]) for k, v in saved.items()):
+            assert exp_avg.shape == p2[name].shape, name
+        assert set(saved) == set(p1)
 
 
 def _exact_match(model, seq_len, digits, seed=123, n=48):
