@@ -69,6 +69,9 @@ def int8_operands(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor):
     int8 scores equal the fp32 ones bit for bit, else None (see the module docstring)."""
     if q.dtype != torch.float32 or keys.dtype != torch.float32 or q.size(-1) > MAX_DIM or keys.size(1) == 0:
         return None
+    probe = q.reshape(-1, q.size(-1))[:16]  # a few rows first: quant="none" queries fail at once
+    if int8_rows(probe) is None:
+        return None
     rows_q, rows_k = int8_rows(q), int8_rows(keys)
     if rows_q is None or rows_k is None:
         return None
