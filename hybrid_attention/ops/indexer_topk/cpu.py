@@ -115,8 +115,10 @@ def int8_block_scores(q_ints: torch.Tensor, weights: torch.Tensor, k_ints: torch
                              out=ints[: n * hi * t].view(n * hi, t))  # [n * hi, t] int32
         dots.clamp_min_(0)  # the ReLU, on the integers (the scales are positive)
         # int32 -> fp32 is exact (|dots| < 2^24); times the weight (x 2^u_q): one rounding each.
-        per_head = torch.mul(dots.view(1, n, hi, t), weights[i, :, :, None],
-                             out=products[: n * hi * t].view(1, n, hi, t))
+        # (A copy then an fp32 multiply: a third faster here than one mixed-dtype multiply.)
+        per_head = products[: n * hi * t].view(1, n, hi, t)
+        per_head.view(n * hi, t).copy_(dots)
+        per_head.mul_(weights[i, :, :, None])
         row = out[i:i + 1]
         torch.sum(per_head, dim=2, out=row)
         row.mul_(k_scale[i])
