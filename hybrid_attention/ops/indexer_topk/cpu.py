@@ -27,7 +27,7 @@ import math
 import torch
 
 from .common import FP4Keys
-from .reference import MIN_KEY_CHUNK, QUERY_TILE, SCORE_TILE, TOPK_GROUP, indexer_topk_reference, top_entries
+from .reference import indexer_topk_reference, tile_products, tiled_topk
 
 
 def int8_gemm_is_fast() -> bool:
@@ -134,29 +134,12 @@ def indexer_topk_cpu(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor 
     if operands is None:
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
     q_ints, scaled_weights, k_ints, k_scale = operands
-    picks = torch.full((b, s, k), -1, dtype=torch.int32, device=q.device)
-    n_keys, hi = keys.size(1), q.size(2)
-    # The reference's tiling (see reference.py): query tiles against key chunks, groups of tiles
-    # per top-k call. The same tiles, so the same scores land in the same places.
-    tile = min(s, query_block or max(1, QUERY_TILE // b))
-    chunk = max(MIN_KEY_CHUNK, SCORE_TILE // (b * tile * hi) // 8 * 8)
-    group = query_block or tile * max(1, TOPK_GROUP // max(1, b * tile * n_keys))
-    size = b * tile * hi * min(chunk, n_keys)
-    ints = torch.empty(size, dtype=torch.int32)
-    products = torch.empty(size)
-    for g in range(0, s, group):
-        seen = visible[:, g:g + group].long()  # [b, n]
-        n_cols = int(seen.max())
-        if n_cols == 0:
-            continue
-        scores = torch.empty(b, seen.size(1), -(-n_cols // 8) * 8, device=q.device)
-        for start in range(g, min(s, g + group), tile):
-            rows = slice(start - g, start - g + tile)
-            width = int(seen[:, rows].max())
-            for c in range(0, width, chunk):
-                cols = slice(c, min(width, c + chunk))
-                int8_block_scores(q_ints[:, start:start + tile], scaled_weights[:, start:start + tile],
-                                  k_ints[:, cols], k_scale[:, cols], ints, products, scores[:, rows, cols])
-        chosen = min(k, n_cols)
-        picks[:, g:g + group, :chosen] = top_entries(scores, seen, chosen)
-    return picks
+    size = tile_products(b, s, q.size(2), keys.size(1), query_block)
+    ints, products = torch.empty(size, dtype=torch.int32), torch.empty(size)
+
+    def score(rows: slice, cols: slice, out: torch.Tensor) -> None:
+        int8_block_scores(q_ints[:, rows], scaled_weights[:, rows], k_ints[:, cols], k_scale[:, cols],
+                          ints, products, out)
+
+    # The reference's tiles and top-k calls, so the same scores land in the same places.
+    return tiled_topk(score, b, s, q.size(2), keys.size(1), k, visible, query_block, q.device)

@@ -113,16 +113,40 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     each query may see, <= t) -> entry ids [b, s, k] int32."""
     if isinstance(keys, FP4Keys):
         keys = keys.dequantize(q.dtype)  # every key is read once per call
-    b, s = q.shape[:2]
-    picks = torch.full((b, s, k), -1, dtype=torch.int32, device=q.device)
-    if k == 0 or s == 0:
-        return picks
-    n_keys = keys.size(1)
+    b, s, hi = q.shape[:3]
+    workspace = q.new_empty(tile_products(b, s, hi, keys.size(1), query_block))
+
+    def score(rows: slice, cols: slice, out: torch.Tensor) -> None:
+        block_scores(q[:, rows], weights[:, rows], keys[:, cols], workspace, out=out)
+
+    return tiled_topk(score, b, s, hi, keys.size(1), k, visible, query_block, q.device)
+
+
+def tile_sizes(b: int, s: int, hi: int, n_keys: int, query_block: int | None) -> tuple[int, int, int]:
+    """(queries per tile, keys per GEMM, queries per top-k call) of `tiled_topk`."""
     tile = min(s, query_block or max(1, QUERY_TILE // b))
-    chunk = max(MIN_KEY_CHUNK, SCORE_TILE // (b * tile * q.size(2)) // 8 * 8)  # keys per GEMM
+    chunk = max(MIN_KEY_CHUNK, SCORE_TILE // (b * max(tile, 1) * hi) // 8 * 8)
     # A group of tiles shares one top-k call (fewer, larger calls); its scores fit TOPK_GROUP.
     group = query_block or tile * max(1, TOPK_GROUP // max(1, b * tile * n_keys))
-    workspace = q.new_empty(b * tile * q.size(2) * min(chunk, n_keys))
+    return tile, chunk, group
+
+
+def tile_products(b: int, s: int, hi: int, n_keys: int, query_block: int | None) -> int:
+    """Per-head products of one tile's GEMM at most: the workspace a scoring function needs."""
+    tile, chunk, _ = tile_sizes(b, s, hi, n_keys, query_block)
+    return b * tile * hi * min(chunk, n_keys)
+
+
+def tiled_topk(score, b: int, s: int, hi: int, n_keys: int, k: int, visible: torch.Tensor,
+               query_block: int | None, device) -> torch.Tensor:
+    """The top-k of every query, the scores computed a tile at a time by `score(rows, cols, out)`
+    (queries `rows`, entries `cols`, fp32 [b, rows, cols] written into `out`), only where a tile's
+    queries can see; entry ids [b, s, k] int32. Shared by this reference and the int8 route, so both
+    fill the same tiles in the same order."""
+    picks = torch.full((b, s, k), -1, dtype=torch.int32, device=device)
+    if k == 0 or s == 0:
+        return picks
+    tile, chunk, group = tile_sizes(b, s, hi, n_keys, query_block)
     for g in range(0, s, group):
         seen = visible[:, g:g + group].long()  # [b, n]
         n_cols = int(seen.max())  # no query of the group sees past this entry
@@ -131,14 +155,13 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
         # Rows of a tile are written up to the tile's own last visible entry; the rest stay
         # unwritten and are hidden by `top_entries`, since no query of that tile sees them.
         # Columns padded to a multiple of 8 (hidden like the rest) for `best_values`' chunks.
-        scores = torch.empty(b, seen.size(1), -(-n_cols // 8) * 8, device=q.device)
+        scores = torch.empty(b, seen.size(1), -(-n_cols // 8) * 8, device=device)
         for start in range(g, min(s, g + group), tile):
             rows = slice(start - g, start - g + tile)
             width = int(seen[:, rows].max())
             for c in range(0, width, chunk):
                 cols = slice(c, min(width, c + chunk))
-                block_scores(q[:, start:start + tile], weights[:, start:start + tile], keys[:, cols],
-                             workspace, out=scores[:, rows, cols])
+                score(slice(start, start + tile), cols, scores[:, rows, cols])
         chosen = min(k, n_cols)
         picks[:, g:g + group, :chosen] = top_entries(scores, seen, chosen)
     return picks
