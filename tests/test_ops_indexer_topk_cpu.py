@@ -16,6 +16,13 @@ from hybrid_attention.ops.indexer_topk.reference import block_scores, indexer_to
 from hybrid_attention.quant import fake_quant_fp4
 
 
+@pytest.fixture(autouse=True)
+def every_call_may_take_int8(monkeypatch):
+    """The route's own tests: small calls too (the layer keeps them on fp32 for speed)."""
+    monkeypatch.setattr(cpu, "MIN_QUERY_ROWS", 0)
+    monkeypatch.setattr(cpu, "USE_INT8", True)
+
+
 def official_inputs(b, s, heads, d, t, seed=0, spread=1):
     """Queries and keys as quant="official" has them (FP4 with a power-of-two scale per 32
     values), the blocks' sizes up to 2^spread apart; weights at full fp32 precision."""
@@ -121,3 +128,15 @@ def test_a_csa_layer_with_official_quant_gives_the_same_output_either_route(monk
         monkeypatch.setattr(cpu, "USE_INT8", False)
         slow = layer(x)
     assert torch.equal(fast, slow)
+
+
+def test_decode_sized_calls_keep_the_fp32_route(monkeypatch):
+    # One query x 8 heads against many keys: converting the keys would cost more than it saves.
+    monkeypatch.setattr(cpu, "MIN_QUERY_ROWS", 512)
+    called = []
+    monkeypatch.setattr(cpu, "int8_operands", lambda *a: called.append(1))
+    q, weights, keys = official_inputs(1, 1, 8, 64, 300)
+    visible = torch.tensor([[300]], dtype=torch.int32)
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, 16, visible),
+                       indexer_topk_reference(q, weights, keys, 16, visible))
+    assert not called

@@ -14,7 +14,8 @@ bit-identical.
 
 When it applies (checked on every call, nothing assumed): fp32 queries, every query row and every
 key row representable as above (`int8_rows`), d <= 1024, scales in fp32's normal range, and the
-weights times 2^u_q exact. Anything else (bf16 models, quant="none", a row with an outlying block)
+weights times 2^u_q exact, and at least MIN_QUERY_ROWS query rows (a decode step's few rows do not
+pay for converting the keys). Anything else (bf16 models, quant="none", a row with an outlying block)
 runs the reference path, so the result never depends on which path ran. The int8 GEMM is
 `torch._int_mm` (oneDNN's int8 kernels); it is used where the CPU has int8 dot-product
 instructions (`int8_gemm_is_fast`, read from /proc/cpuinfo at import; `USE_INT8`).
@@ -43,6 +44,10 @@ def int8_gemm_is_fast() -> bool:
 
 # Read once at import; benchmarks and tests set it to compare the two routes in one process.
 USE_INT8 = int8_gemm_is_fast()
+# Converting the keys to int8 rows costs a few passes over them per call; the GEMM saves time per
+# query row. Below this many query rows (b * s * heads: a decode step has 8) the conversion is not
+# paid back, and the fp32 route runs.
+MIN_QUERY_ROWS = 512
 MAX_DIM = 1024  # d * 127^2 < 2^24: the int32 dot products convert to fp32 exactly
 _MIN_EXPONENT = -126  # scales stay normal fp32 numbers
 _MAX_EXPONENT = 100  # and |dots| * 2^(u_q + u_k) < 2^24 * 2^100, far below fp32's 2^128
@@ -130,7 +135,8 @@ def indexer_topk_cpu(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor 
     if isinstance(keys, FP4Keys):
         keys = keys.dequantize(q.dtype)
     b, s = q.shape[:2]
-    operands = int8_operands(q, weights, keys) if USE_INT8 and k and s else None
+    use = USE_INT8 and k and s and b * s * q.size(2) >= MIN_QUERY_ROWS
+    operands = int8_operands(q, weights, keys) if use else None
     if operands is None:
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
     q_ints, scaled_weights, k_ints, k_scale = operands
