@@ -259,8 +259,9 @@ class HybridAttention(nn.Module):
             fused = not torch.is_grad_enabled() and _HAS_CPU_FLASH and not qr.is_cuda
         else:
             # Query t's window is rows [t, t + win) of the keys padded in front to win - 1 rows of
-            # context; unfold makes that a zero-copy view [b, s, d, win].
-            padded = nn.functional.pad(keys, (0, 0, win - 1 - context, 0))
+            # context; unfold makes that a zero-copy view [b, s, d, win]. The scores are fp32:
+            # a bf16 layer converts its rows once here, not once per block and window slot.
+            padded = nn.functional.pad(keys.float(), (0, 0, win - 1 - context, 0))
             windows = padded.unfold(1, win, 1)
             n_entries = compressed.size(1) if compressed is not None else 0
             if self.kind == "csa" and not dense_csa:
