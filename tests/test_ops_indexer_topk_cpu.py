@@ -140,3 +140,22 @@ def test_decode_sized_calls_keep_the_fp32_route(monkeypatch):
     assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, 16, visible),
                        indexer_topk_reference(q, weights, keys, 16, visible))
     assert not called
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 6), t=st.integers(2, 60), k=st.integers(1, 20), levels=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_property_top_entries_equal_the_oracle_with_many_ties(rows, t, k, levels, seed):
+    # Scores from a few levels (bf16 index scores tie this often): the fast top-k with its tie
+    # rule against indexer.select_entries, the readable definition.
+    from hybrid_attention.indexer import select_entries
+    from hybrid_attention.ops.indexer_topk.reference import top_entries
+
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, t)
+    scores = torch.randint(0, levels, (1, rows, t), generator=g).float() - 1.0
+    scores[scores == -1.0] = -0.0 if seed % 2 else 0.0  # +0 and -0 are the same score
+    seen = torch.randint(0, t + 1, (rows,), generator=g)
+    expected = select_entries(scores[0][None], seen, k)
+    got = top_entries(scores.clone(), seen[None], k)
+    assert torch.equal(got, expected)
