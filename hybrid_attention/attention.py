@@ -266,6 +266,11 @@ class HybridAttention(nn.Module):
             n_entries = compressed.size(1) if compressed is not None else 0
             if self.kind == "csa" and not dense_csa:
                 n_entries = gathered = min(n_entries, self.cfg.index_topk)
+            if isinstance(compressed, torch.Tensor) and compressed.dtype != torch.float32 \
+                    and s * max(gathered, 1) >= compressed.size(1):
+                # A prefill reads each entry many times (gathered or per block): convert them to
+                # fp32 once. A decode step reads a few, and converts only those.
+                compressed = compressed.float()
             n_keys = win + n_entries
             fused = False
         block = self._block_size(n_keys)
