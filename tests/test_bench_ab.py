@@ -1,0 +1,37 @@
+"""benchmarks/ab_indexer_int8.py and ab_bf16.py keep running: small smoke runs print their tables,
+and the int8 A/B finds the two routes' outputs identical."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ab_bf16  # noqa: E402
+import ab_indexer_int8  # noqa: E402
+
+from hybrid_attention.ops.indexer_topk import cpu  # noqa: E402
+
+
+def test_int8_ab_prints_both_routes_and_restores_the_default(capsys):
+    assert ab_indexer_int8.main(["--length", "512", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "CSA layer prefill" in out and "indexer_topk op" in out
+    assert "bit-identical in every round" in out
+    assert cpu.USE_INT8 == cpu.int8_gemm_is_fast()
+
+
+def test_bf16_ab_prints_a_row_per_kind(capsys):
+    assert ab_bf16.main(["--length", "300", "--rounds", "1", "--kinds", "window", "hca"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# ab_bf16.py") and "threads" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["window", "hca"]
+    assert all(float(r[4]) < 0.05 for r in rows)  # bf16 rounding, not a different layer
+
+
+def test_bad_arguments_are_refused():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        ab_bf16.main(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        ab_indexer_int8.main(["--length", "4"])
