@@ -47,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Comma-separated, from " + ", ".join(SCHEDULES))
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--digits", type=int, default=5)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="Sparse-phase steps (default: 1000).")
+    p.add_argument("--dense-steps", type=int, default=0,
+                   help="Steps of the recipe's dense phase first (CSA over every entry; default: 0).")
+    p.add_argument("--indexer-steps", type=int, default=0,
+                   help="Steps of the indexer warm-up after it (default: 0).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--window", type=int, default=None, help="Window size (default: the tiny preset's 8).")
@@ -87,12 +91,14 @@ def main(argv=None) -> int:
         overrides["window_size"] = args.window
     print(f"# train_passkey.py, {time.strftime('%Y-%m-%d')}, {cpu_model()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"# tiny model {overrides}, seq_len {args.seq_len}, {args.digits}-digit keys, {args.steps} steps x "
+    print(f"# tiny model {overrides}, seq_len {args.seq_len}, {args.digits}-digit keys, "
+          f"{args.dense_steps} dense + {args.indexer_steps} indexer + {args.steps} sparse steps x "
           f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}; eval {args.per_cell} keys per cell")
     results = {}
     for name in names:
         cfg = TrainConfig(model="tiny", schedule=SCHEDULES[name], overrides=overrides, seq_len=args.seq_len,
                           task_options={"digits": args.digits}, sparse_steps=args.steps,
+                          dense_steps=args.dense_steps, indexer_steps=args.indexer_steps,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=20, weight_decay=0.0,
                           seed=args.seed, out=str(root / name), log_every=25)
         start = time.perf_counter()
@@ -102,7 +108,8 @@ def main(argv=None) -> int:
         result = evaluate(model, lengths, depths, per_cell=args.per_cell, seed=args.seed + 1,
                           digits=args.digits)
         plot_needle_grid(result, root / name / "needle.png")
-        result["train_tokens_per_s"] = args.steps * args.batch_size * args.seq_len / seconds
+        steps = args.dense_steps + args.indexer_steps + args.steps
+        result["train_tokens_per_s"] = steps * args.batch_size * args.seq_len / seconds
         result["train_s"] = seconds
         result["final_loss"] = run["losses"][-1]["loss"]
         results[name] = result

@@ -383,6 +383,8 @@ def _wrap(model: nn.Module, cfg: TrainConfig, dist_: Dist, wrapped: nn.Module | 
     """The module the loop calls in a new phase: the model itself or DDP around it."""
     if dist_.world == 1 or cfg.parallel == "fsdp2":  # FSDP2 shards the model itself, once
         return model
+    if not any(p.requires_grad for p in model.parameters()):  # nothing trains in this phase
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     # DDP registers the parameters that require a gradient, so each phase (the indexer frozen in
@@ -492,7 +494,8 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
                 index_loss = aux["indexer_loss"].float() / cfg.grad_accum
                 loss = {"dense": task_loss, "indexer": index_loss}.get(
                     name, task_loss + cfg.indexer_weight * index_loss)
-            loss.backward()
+            if loss.requires_grad:  # an indexer warm-up of a model without CSA layers trains nothing
+                loss.backward()
             task_total += float(task_loss.detach()) / dist_.world  # this rank's share of the mean
             index_total += float(index_loss.detach()) / dist_.world
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -74,6 +74,17 @@ def test_indexer_loss_falls_in_its_warm_up(tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_an_indexer_phase_without_csa_layers_trains_nothing(tmp_path):
+    # A window-only model has no indexer: its warm-up steps run (and log) but change no weight.
+    cfg = _cfg(tmp_path, schedule="window", dense_steps=1, indexer_steps=2, sparse_steps=1)
+    train(cfg, progress=False, stop_after=1)
+    after_dense = _params(load_checkpoint(tmp_path / "run"))
+    run = train(cfg, resume=True, progress=False, stop_after=3)
+    assert [r["phase"] for r in run["losses"]] == ["dense", "indexer", "indexer"]
+    after_warm_up = _params(load_checkpoint(tmp_path / "run"))
+    assert all(torch.equal(after_dense[k], after_warm_up[k]) for k in after_dense)
+
+
 def test_schedules():
     cfg = AttentionConfig.preset("small")  # [128, 4, 128, 4, 0]
     assert schedule_ratios("v4", cfg) == [128, 4, 128, 4, 0]

@@ -1,0 +1,32 @@
+"""benchmarks/train_passkey.py keeps running: a tiny two-schedule run prints its table and leaves a
+checkpoint folder per schedule (config.json, model.safetensors, train.json, needle.png)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_passkey  # noqa: E402
+
+
+def test_two_schedules_with_every_phase(tmp_path, capsys):
+    args = ["--schedules", "hybrid,window", "--seq-len", "100", "--digits", "2", "--steps", "2",
+            "--dense-steps", "1", "--indexer-steps", "1", "--batch-size", "2", "--eval-lengths", "100,120",
+            "--per-cell", "1", "--depths", "0,1", "--out", str(tmp_path), "--json"]
+    assert train_passkey.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# train_passkey.py") and "1 dense + 1 indexer + 2 sparse steps" in lines[1]
+    assert any(line.startswith("| hybrid |") for line in lines)
+    assert any(line.startswith("| window | ") and line.split("|")[4].strip() == "-" for line in lines)
+    results = json.loads(lines[-1])
+    assert set(results) == {"hybrid", "window"} and set(results["hybrid"]["accuracy"]) == {"100", "120"}
+    for name in ("hybrid", "window"):
+        folder = tmp_path / name
+        for file in ("config.json", "model.safetensors", "train.json", "needle.png"):
+            assert (folder / file).is_file(), (name, file)
+        assert json.loads((folder / "train.json").read_text())["seq_len"] == 100
+
+
+def test_an_unknown_schedule_is_refused(capsys):
+    assert train_passkey.main(["--schedules", "hybrid,dense"]) == 2
+    assert "unknown schedule" in capsys.readouterr().err
