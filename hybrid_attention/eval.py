@@ -75,7 +75,7 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
     recall_total = {n: 0 for n in lengths}
     verdicts = {}
     layer_hits, layer_total = dict.fromkeys(csa, 0), dict.fromkeys(csa, 0)
-    bar = _bar(len(cases), progress)
+    bar = _Counter(len(cases), progress)
     batches = [group[a:a + batch_size] for group in ([c for c in cases if c.length == n] for n in lengths)
                for a in range(0, len(group), batch_size)]  # a batch never mixes lengths
     for group in batches:
@@ -181,7 +181,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-class _bar:
+class _Counter:
     """A one-line progress counter on stderr (nothing when disabled)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
