@@ -239,28 +239,12 @@ def _numbers(text: str, kind, name: str) -> list:
     return values
 
 
-def _training_arguments(folder: Path) -> dict:
-    saved = folder / "train.json"
-    try:
-        return json.loads(saved.read_text()) if saved.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _configured_limit(folder: Path) -> int:
-    """max_seq_len of the checkpoint's config.json (0 when unreadable: load_checkpoint says why)."""
-    try:
-        return int(json.loads((folder / "config.json").read_text())["attention"]["max_seq_len"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def run(args) -> int:
     from .cli import UsageError
-    from .train import load_checkpoint
+    from .train import load_checkpoint, training_arguments
 
     folder = Path(args.checkpoint)
-    trained = _training_arguments(folder)
+    trained = training_arguments(folder)
     digits = args.digits or trained.get("task_options", {}).get("digits", 5)
     if args.lengths is None:
         base = trained.get("seq_len", 1024)
@@ -278,7 +262,7 @@ def run(args) -> int:
     if not plot.parent.is_dir():
         raise UsageError(f"--plot {plot}: the folder {plot.parent} does not exist")
     try:  # past the configured limit too: length generalisation is what the longer prompts test
-        model = load_checkpoint(folder, max_seq_len=max(_configured_limit(folder), max(lengths) + digits))
+        model = load_checkpoint(folder, min_seq_len=max(lengths) + digits)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:

@@ -412,12 +412,13 @@ def _percent(fraction: float | None) -> str:
 def run_trained(args) -> int:
     """--checkpoint FOLDER and/or --task passkey: one model (no baseline) through the Engine."""
     from .data import answer_ids, decode, min_passkey_length, passkey_prompt
+    from .train import training_arguments
 
     folder = Path(args.checkpoint) if args.checkpoint else None
     if folder is not None and not folder.is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint}: --task passkey takes a training folder "
                          f"(config.json + model.safetensors); a .safetensors file goes with --task random")
-    trained = _training_arguments(folder) if folder is not None else {}
+    trained = training_arguments(folder) if folder is not None else {}
     passkey = args.task == "passkey"
     digits = len(args.key) if args.key else args.digits or trained.get("task_options", {}).get("digits", 5)
     if args.key is not None and not (args.key.isascii() and args.key.isdigit()):
@@ -466,13 +467,6 @@ def run_trained(args) -> int:
     return 0
 
 
-def _training_arguments(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "train.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _trained_model(folder: Path | None, args, tokens: int) -> HybridTransformer:
     """The checkpoint's model with room for `tokens`, or the preset with random weights (--seed)."""
     from .data import VOCAB_SIZE
@@ -487,9 +481,8 @@ def _trained_model(folder: Path | None, args, tokens: int) -> HybridTransformer:
         raise UsageError(f"--checkpoint {folder}: not a file, and not a training folder (it needs "
                          f"config.json and model.safetensors)")
     try:
-        limit = json.loads((folder / "config.json").read_text())["attention"]["max_seq_len"]
-        return load_checkpoint(folder, max_seq_len=max(int(limit), tokens))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        return load_checkpoint(folder, min_seq_len=tokens)
+    except ValueError as err:
         raise UsageError(f"--checkpoint {folder}: {err}") from None
 
 

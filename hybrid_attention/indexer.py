@@ -96,6 +96,12 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k={k} must not exceed the number of scores per row, got shape "
                          f"{tuple(scores.shape)}")
     kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value, [.., 1]
+    return lowest_index_ties(scores, kth, k)
+
+
+def lowest_index_ties(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Given each row's k-th largest score kth [.., 1]: the ids of every score above it, then of the
+    scores equal to it in index order until k are chosen, ascending [.., k]."""
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(-1, keepdim=True)

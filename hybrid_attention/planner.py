@@ -67,7 +67,8 @@ FORMATS = {f.name: f for f in (
     StorageFormat("fp32", 32, description="float32"),
     StorageFormat("bf16", 16, description="bfloat16"),
     StorageFormat("fp8", 8, 64, 1, "FP8 e4m3, one ue8m0 scale per 64 values, rope dims bf16 (DeepSeek-V4)"),
-    StorageFormat("fp8-rope32", 8, 64, 1, "FP8 e4m3 as fp8, rope dims fp32 (an fp32 model's cache)",
+    StorageFormat("fp8-rope32", 8, 64, 1,
+                  "FP8 e4m3, one ue8m0 scale per 64 values, rope dims fp32 (an fp32 model's cache)",
                   rope_bytes=4),
     StorageFormat("fp8-b128", 8, 128, 4,
                   "FP8 e4m3, one fp32 scale per 128 values, rope dims bf16 (DeepSeek-V3.2, FlashMLA)"),
@@ -1349,12 +1350,11 @@ def plot(models: list[ModelSpec], path: str, batch: int = 1, precisions: dict | 
 
 
 __all__ = [
-    "official_precisions",
     "DEFAULT_PRECISIONS", "FORMATS", "GPUS", "STORAGE_TYPES", "FFNSpec", "FlopTerm", "GQASpec", "KeyCount",
     "MLASpec", "ModelSpec", "StorageFormat", "attention_only", "decode_bytes_read", "decode_flops",
     "engine_memory", "flop_terms", "gpu_memory", "kv_cache_bytes", "kv_cache_bytes_by_type",
     "kv_cache_bytes_per_layer", "layer_state_bytes_by_type", "load_config", "load_model", "load_preset",
-    "longest_context", "model_from_hf_config", "model_spec_from_model_config", "parameter_counts",
-    "parse_context", "parse_memory", "plan", "prefill_flops", "resolve_precisions", "weights_bytes",
-    "weights_bytes_by_group",
+    "longest_context", "model_from_hf_config", "model_spec_from_model_config", "official_precisions",
+    "parameter_counts", "parse_context", "parse_memory", "plan", "prefill_flops", "resolve_precisions",
+    "weights_bytes", "weights_bytes_by_group",
 ]

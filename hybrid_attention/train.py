@@ -276,12 +276,20 @@ def save_checkpoint(folder: str | Path, model: HybridTransformer, extra: dict | 
         os.replace(tmp, folder / "train_state.pt")
 
 
+def training_arguments(folder: str | Path) -> dict:
+    """The TrainConfig fields a training folder's train.json holds ({} without a readable one)."""
+    try:
+        return json.loads((Path(folder) / "train.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
-                    max_seq_len: int | None = None) -> HybridTransformer:
+                    min_seq_len: int | None = None) -> HybridTransformer:
     """The HybridTransformer saved in a training folder (config.json + model.safetensors).
 
-    max_seq_len: raise (or lower) the model's length limit, e.g. to test length generalisation past
-    what it was configured for; it changes no weight."""
+    min_seq_len: raise the model's length limit to at least this, e.g. to test length
+    generalisation past what it was configured for; it changes no weight."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -293,12 +301,12 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{folder / 'config.json'}: cannot read it ({err})") from None
     model_cfg = model_config_from_dict(values, str(folder / "config.json"))
-    if max_seq_len is not None:
+    if min_seq_len is not None and min_seq_len > model_cfg.attention.max_seq_len:
         try:
             model_cfg = dataclasses.replace(
-                model_cfg, attention=model_cfg.attention.replace(max_seq_len=max_seq_len))
+                model_cfg, attention=model_cfg.attention.replace(max_seq_len=min_seq_len))
         except ValueError as err:
-            raise ValueError(f"max_seq_len: {err}") from None
+            raise ValueError(f"min_seq_len: {err}") from None
     model = HybridTransformer(model_cfg)
     tensors = load_file(str(folder / "model.safetensors"))
     expected = model.state_dict()

@@ -14,7 +14,8 @@ top-k. The scores are those of `indexer.index_scores` (same GEMMs, same rounding
 
 The top-k is a plain `torch.topk` of k + 1 on the scores: when the (k+1)-th best is below the k-th,
 the k best are one set whatever the order among equals. The rows where the two tie take every
-entry above the k-th score and then the entries equal to it in id order (`_lowest_ties`), the set
+entry above the k-th score and then the entries equal to it in id order
+(`indexer.lowest_index_ties`, the oracle's own rule), the set
 that a top-k of packed (score, id) keys (`common.pack_scores`, as the Triton kernel builds them)
 gives. Either way the set is that of `indexer.topk_lowest_index_ties`.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ...indexer import lowest_index_ties
 from .common import FP4Keys
 
 # Per-head products of one GEMM, [b, tile, heads, chunk], in elements (4 MB of fp32). A tile of
@@ -103,20 +105,9 @@ def top_entries(scores: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tenso
     if few.any():
         ids = torch.where(few[..., None], entry[:k], ids)
     if tied.any():  # the rows where the k-th score ties: everything above it, then its lowest ids
-        ids[tied] = _lowest_ties(scores[tied], kth[tied], k)
+        # (bf16 index scores make such rows common: a few passes, not a top-k of packed keys)
+        ids[tied] = lowest_index_ties(scores[tied], kth[tied, None], k)
     return ids.masked_fill_(ids >= seen[..., None], -1)
-
-
-def _lowest_ties(rows: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """rows [r, t] (hidden entries -inf), their k-th largest values kth [r] -> the ids [r, k],
-    ascending, of the k best with ties to the lower id: every entry above kth, then the entries
-    equal to kth in id order until k are chosen (what a top-k of `pack_scores` keys selects;
-    bf16 index scores make such rows common, and this is a few passes instead of an int64 top-k)."""
-    above = rows > kth[:, None]
-    equal = rows == kth[:, None]
-    wanted = k - above.sum(dim=-1, keepdim=True)  # [r, 1]: how many of the tied entries to take
-    chosen = above | (equal & (equal.cumsum(dim=-1) <= wanted))
-    return chosen.nonzero()[:, 1].view(rows.size(0), k)  # row-major: each row's ids ascending
 
 
 def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor | FP4Keys, k: int,
