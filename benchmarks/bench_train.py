@@ -61,7 +61,8 @@ def dense_step(n_heads: int, head_dim: int, seq_len: int):
 
 
 def layer_step(layer: HybridAttention, seq_len: int):
-    """The layer's forward + backward on x [1, s, dim]; CSA adds its indexer loss to the loss."""
+    """The layer's forward + backward on x [1, s, dim]: backward from y with a fixed random
+    gradient g (the loss <y, g>), plus for CSA the indexer loss."""
     x = torch.randn(1, seq_len, layer.cfg.dim, requires_grad=True)
     grad = torch.randn(1, seq_len, layer.cfg.dim)
 
@@ -69,10 +70,13 @@ def layer_step(layer: HybridAttention, seq_len: int):
         layer.zero_grad(set_to_none=True)
         x.grad = None
         y, aux = layer(x, return_aux=True)
-        loss = (y * grad).sum()
+        # Backward from y with the gradient g, as the baseline's out.backward(grad): the loss
+        # <y, g> without a product [s, dim] of its own.
+        outputs, grads = [y], [grad]
         if layer.kind == "csa":
-            loss = loss + aux["indexer_loss"]
-        loss.backward()
+            outputs.append(aux["indexer_loss"])
+            grads.append(torch.ones_like(aux["indexer_loss"]))
+        torch.autograd.backward(outputs, grads)
 
     return step
 

@@ -21,7 +21,7 @@ from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_d
 from .compressor import Compressor
 from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
-from .modules import Linear, RMSNorm, head_rms_normalize
+from .modules import Linear, RMSNorm, head_rms_normalize, recompute_rows
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
@@ -219,12 +219,19 @@ class HybridAttention(nn.Module):
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection (SPEC 3.5): o [b, s, h, d] -> [b, s, dim]."""
+        return self.wo_b(self._grouped_output(o).flatten(2))
+
+    def _grouped_output(self, o: torch.Tensor) -> torch.Tensor:
+        """wo_a per group of heads: o [b, s, h, d] -> [b, s, g, rank]."""
         b, s = o.shape[:2]
         groups, rank = self.cfg.o_groups, self.cfg.o_lora_rank
         grouped = o.reshape(b, s, groups, -1)  # [b, s, g, h/g * d]
         wo_a = self.wo_a.weight.to(o.dtype).view(groups, rank, -1)
-        z = torch.einsum("bsgk,grk->bsgr", grouped, wo_a)  # [b, s, g, rank]
-        return self.wo_b(z.flatten(2))
+        return torch.einsum("bsgk,grk->bsgr", grouped, wo_a)
+
+    def _derotated_grouped_output(self, o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor):
+        """The attention output o [b, s, h, d] (fp32) de-rotated, then wo_a: [b, s, g, rank]."""
+        return self._grouped_output(apply_rope(o.to(self.dtype), positions, freqs, inverse=True))
 
     @staticmethod
     def _write_block(y: torch.Tensor | None, out: torch.Tensor, a: int, s: int) -> torch.Tensor:
@@ -323,11 +330,12 @@ class HybridAttention(nn.Module):
         dense_csa: attention over every visible entry, and the indexer loss over all of them."""
         b, s = qr.shape[:2]
         win, start = self.cfg.window_size, int(positions[0])
-        q = self._queries(qr, positions, freqs)  # [b, s, h, d]
+        q = recompute_rows(self._queries, qr, positions, freqs, [self.wq_b.weight])  # [b, s, h, d]
         entries = _dense(compressed) if compressed is not None else None
         qi = picks = None
         if self.kind == "csa" and (return_aux or not dense_csa):  # for the picks or the loss
-            qi = self.indexer.queries(qr.detach(), positions, freqs)  # [b, s, hi, di]
+            qi = recompute_rows(self.indexer.queries, qr.detach(), positions, freqs,
+                                [self.indexer.wq_b.weight])  # [b, s, hi, di]
         if self.kind == "csa" and dense_csa:
             if return_aux:  # the loss's "picks": every entry, -1 where a query cannot see it yet
                 entry = torch.arange(entries.size(1), device=qr.device)
@@ -343,7 +351,9 @@ class HybridAttention(nn.Module):
         o, teacher = joint_attention(q, keys, self.attn_sink, self.scale, win, start, entries, self.ratio,
                                      None if dense_csa else picks,
                                      want_teacher=return_aux and picks is not None)
-        y = self._output(apply_rope(o.to(qr.dtype), positions, freqs, inverse=True))
+        # wo_b's GEMM, the largest, runs outside the recomputed piece (its input z is kept).
+        z = recompute_rows(self._derotated_grouped_output, o, positions, freqs, [self.wo_a.weight])
+        y = self.wo_b(z.flatten(2))
         attended = float((positions + 1).clamp_max(win).sum()) * b
         if self.kind == "csa" and not dense_csa:
             attended += float((picks >= 0).sum())

@@ -75,3 +75,77 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-head q * rsqrt(mean(q^2) + eps) with no weight, every op in q.dtype (SPEC 3.2)."""
     return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+
+
+# Tokens per piece of `recompute_rows`: 8 MB per [piece, 1024] fp32 temporary.
+RECOMPUTE_ROWS = 2048
+
+
+def recompute_rows(function, rows: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                   params: list[nn.Parameter]) -> torch.Tensor:
+    """function(rows, positions, freqs) computed RECOMPUTE_ROWS tokens (axis 1) at a time, keeping
+    for backward only its inputs: backward runs each piece again and differentiates it there.
+
+    For the token-wise paths between a GEMM and the attention op (the query path's RMS and RoPE,
+    the de-rotation and grouped output projection): with autograd's own bookkeeping, their
+    [s, h * d] intermediates and the gradients of each would all be alive in backward; here at
+    most one piece's are. `params` are the parameters `function` uses (their gradients are summed
+    over the pieces). The pieces are written into one output, so nothing is held twice."""
+    if not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in params))):
+        return function(rows, positions, freqs)
+    return _RecomputedRows.apply(function, rows, positions, freqs, *params)
+
+
+class _RecomputedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, function, rows, positions, freqs, *params):
+        ctx.function = function
+        ctx.autocast = [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                        for device in ("cpu", "cuda")]
+        ctx.save_for_backward(rows, positions, freqs, *params)
+        out = None
+        for a in range(0, rows.size(1), RECOMPUTE_ROWS):
+            e = min(rows.size(1), a + RECOMPUTE_ROWS)
+            piece = function(rows[:, a:e], positions[a:e], freqs)
+            if out is None:
+                out = piece.new_empty(rows.size(0), rows.size(1), *piece.shape[2:])
+            out[:, a:e] = piece
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, positions, freqs, *params = ctx.saved_tensors
+        wanted = [p for p in params if p.requires_grad]
+        d_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
+        d_params = [torch.zeros_like(p) for p in wanted]
+        for a in range(0, rows.size(1), RECOMPUTE_ROWS):
+            e = min(rows.size(1), a + RECOMPUTE_ROWS)
+            piece = rows[:, a:e].detach().requires_grad_(d_rows is not None)
+            with torch.enable_grad(), _autocast_as(ctx.autocast):
+                out = ctx.function(piece, positions[a:e], freqs)
+            inputs = ([piece] if d_rows is not None else []) + wanted
+            grads = torch.autograd.grad(out, inputs, grad[:, a:e], allow_unused=True)
+            if d_rows is not None:
+                d_rows[:, a:e] = grads[0]
+                grads = grads[1:]
+            for total, g in zip(d_params, grads, strict=True):
+                if g is not None:
+                    total += g
+        it = iter(d_params)
+        return (None, d_rows, None, None, *(next(it) if p.requires_grad else None for p in params))
+
+
+class _autocast_as:
+    """Re-enter the autocast state a forward ran under (per device type)."""
+
+    def __init__(self, states) -> None:
+        self.contexts = [torch.autocast(device, dtype=dtype, enabled=enabled)
+                         for device, enabled, dtype in states]
+
+    def __enter__(self) -> None:
+        for context in self.contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)

@@ -33,6 +33,15 @@ def test_smoke_run_against_head(capsys):
     assert worktrees() == before
 
 
+def test_training_steps_against_head(capsys):
+    assert ab_prefill.main(["--base", "HEAD", "--kind", "csa", "--length", "64", "--rounds", "2",
+                            "--calls", "1", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# csa training step (forward + backward) of 64 tokens")
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 4 and all(float(t) > 0 for line in rounds for t in line.split(":")[1].split())
+
+
 def test_unknown_base_is_a_clear_error():
     with pytest.raises(SystemExit, match="is not a commit"):
         ab_prefill.main(["--base", "no-such-commit-xyz", "--length", "64"])

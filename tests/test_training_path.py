@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, layer_of_kind
+from conftest import TOLERANCE, assert_close, layer_of_kind
 
-from hybrid_attention import AttentionConfig, attention
+from hybrid_attention import AttentionConfig, attention, modules
 from hybrid_attention.ops.indexer_loss import indexer_loss_reference
 from hybrid_attention.ops.joint_attention import cpu, joint_attention_reference
 
@@ -48,6 +48,7 @@ CASES = [pytest.param(kind, s, prefix, dense, id=f"{kind}-T{s}" + (f"-after{pref
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(modules, "RECOMPUTE_ROWS", 8)  # several recomputed pieces per chunk
 
 
 @pytest.mark.parametrize("kind, s, prefix_len, dense", CASES)
@@ -165,3 +166,46 @@ def test_activation_checkpointing_gives_the_same_gradients(kind):
         assert (p.grad is None) == (plain[3][name] is None), name
         if p.grad is not None:
             assert torch.equal(p.grad, plain[3][name]), name
+
+
+@pytest.mark.parametrize("rows_grad", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_rows_equal_plain_autograd_and_keep_only_their_inputs(rows_grad, autocast):
+    """`recompute_rows`: the same output and gradients (of the rows and of the parameters, summed
+    over pieces) as autograd through the function itself; only the inputs are saved."""
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.nn.Parameter(torch.randn(12, 6, generator=gen))
+    frozen = torch.nn.Parameter(torch.randn(12, generator=gen), requires_grad=False)
+    rows = torch.randn(2, 21, 6, generator=gen)  # 21 tokens: pieces of 8, 8 and 5
+    positions, freqs = torch.arange(3, 24), torch.rand(2, generator=gen)
+    g = torch.randn(2, 21, 12, generator=gen)
+
+    def function(r, pos, f):
+        y = torch.nn.functional.linear(r, weight) * frozen
+        return torch.tanh(y) * (pos[:, None] * f[0]).cos() + y.square().mean(-1, keepdim=True)
+
+    results = []
+    for recomputed in (False, True):
+        leaf = rows.clone().requires_grad_(rows_grad)
+        weight.grad = None
+        saved = []
+        keep = saved.append
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, keep=keep: keep(t) or t, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = (modules.recompute_rows(function, leaf, positions, freqs, [weight, frozen])
+                 if recomputed else function(leaf, positions, freqs))
+        y.backward(g.to(y.dtype))
+        results.append((y.detach(), leaf.grad, weight.grad, saved))
+    (y0, dx0, dw0, _), (y1, dx1, dw1, saved) = results
+    bound = TOLERANCE[torch.bfloat16 if autocast else torch.float32]  # bf16: sums split by piece
+    assert y1.dtype == y0.dtype and dw1.dtype == torch.float32
+    assert_close("y", y0, y1, bound)
+    assert_close("dweight", dw0, dw1, bound)
+    if rows_grad:
+        assert_close("drows", dx0, dx1, bound)
+    else:
+        assert dx1 is None
+    assert frozen.grad is None
+    inputs = {t.data_ptr() for t in (rows, positions, freqs, weight, frozen)}
+    assert all(t.numel() <= rows.numel() for t in saved) and len(saved) == 5
+    assert len({t.data_ptr() for t in saved} - inputs) <= 1  # the leaf copy of rows
