@@ -77,6 +77,7 @@ from hybrid_attention import HybridAttention
 from hybrid_attention.demo import KINDS, PeakMemory, demo_config
 from hybrid_attention.ops import FP8KV, FP4Keys, compress, indexer_topk, sparse_attention
 from hybrid_attention.ops.dispatch import interpreting, triton_available
+from hybrid_attention.ops.joint_attention import joint_attention
 from hybrid_attention.quant import fake_quant_fp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -515,9 +516,41 @@ def check_compress(session: Session, kind: str) -> list[TensorCheck]:
     return [compare_tensors(name, ref[name], out[name], ref[name].dtype) for name in ref]
 
 
+def _joint_run(backend: str, q, kv, sink, compressed, ratio, picks, scale, window, grad) -> dict:
+    """Output, teacher and the gradients of <out, grad> with respect to q, kv, compressed and sink."""
+    leaves = [t.detach().requires_grad_() for t in (q, kv, compressed, sink)]
+    out, teacher = joint_attention(leaves[0], leaves[1], leaves[3], scale, window, 0, leaves[2], ratio, picks,
+                                   want_teacher=True, backend=backend)
+    (out * grad).sum().backward()
+    return dict(out=out.detach(), teacher=teacher, dq=leaves[0].grad, dkv=leaves[1].grad,
+                dcompressed=leaves[2].grad, dsink=leaves[3].grad)
+
+
+def check_joint_attention(session: Session, kind: str) -> list[TensorCheck]:
+    """The training path's op: window rows + compressed entries (CSA: random distinct visible picks,
+    -1 where fewer are visible; HCA: every visible entry) + sink, bf16 inputs, with the indexer
+    loss's teacher; forward and every gradient against the torch backend."""
+    sh, n, dev = session.shapes, session.sizes.check_queries, session.device
+    ratio = sh.ratio(kind)
+    n_entries = n // ratio
+    q = torch.randn(1, n, sh.heads, sh.head_dim, device=dev).bfloat16()
+    kv = torch.randn(1, n, sh.head_dim, device=dev).bfloat16()
+    compressed = torch.randn(1, n_entries, sh.head_dim, device=dev).bfloat16()
+    sink = torch.randn(sh.heads, device=dev)
+    picks = None
+    if kind == "csa":
+        picks = _random_picks(torch.arange(n, device=dev), ratio, n_entries, sh.topk)[None]
+    grad = torch.randn(q.shape, device=dev)
+    scale = sh.head_dim ** -0.5
+    ref = _joint_run("torch", q, kv, sink, compressed, ratio, picks, scale, sh.window, grad)
+    out = _joint_run("triton", q, kv, sink, compressed, ratio, picks, scale, sh.window, grad)
+    return [compare_tensors(name, ref[name], out[name], torch.bfloat16) for name in ref]
+
+
 def kernel_checks(sh: Shapes, sizes: Sizes) -> list[tuple[str, str, Callable[[Session], list]]]:
     """(op, case, check) for every Triton kernel: sparse attention forward (plain and FP8 rows) and
-    backward, the indexer's top-k kernel and its split merge, the compressor forward and backward."""
+    backward, the indexer's top-k kernel and its split merge, the compressor forward and backward, the
+    training path's joint attention (over the sparse-attention kernels) forward and backward."""
     k = f"top-{sh.topk}"
     return [
         ("sparse_attention", f"CSA prefill lists (window {sh.window} + {k}), bf16, fwd + bwd",
@@ -534,6 +567,10 @@ def kernel_checks(sh: Shapes, sizes: Sizes) -> list[tuple[str, str, Callable[[Se
         ("compress", f"CSA: overlap, r{sh.csa_ratio}, continuing a stream, fwd + bwd",
          lambda s: check_compress(s, "csa")),
         ("compress", f"HCA: r{sh.hca_ratio}, fwd + bwd", lambda s: check_compress(s, "hca")),
+        ("joint_attention", f"CSA training op (window + {k} + sink, teacher), bf16, fwd + bwd",
+         lambda s: check_joint_attention(s, "csa")),
+        ("joint_attention", f"HCA training op (window + every entry, r{sh.hca_ratio}), bf16, fwd + bwd",
+         lambda s: check_joint_attention(s, "hca")),
     ]
 
 

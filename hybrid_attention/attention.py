@@ -102,9 +102,9 @@ class HybridAttention(nn.Module):
         self.indexer = None
         if self.ratio:
             self.compressor = Compressor(cfg.dim, cfg.head_dim, self.ratio, self.kind == "csa",
-                                         cfg.rope_head_dim, cfg.norm_eps)
+                                         cfg.rope_head_dim, cfg.norm_eps, backend=backend)
         if self.kind == "csa":
-            self.indexer = Indexer(cfg, dtype)
+            self.indexer = Indexer(cfg, dtype, backend)
         self._freqs = layer_rope_frequencies(cfg, compressed=self.ratio > 0)
         self._fingerprint = cfg.fingerprint()  # states record it; comparing strings is cheap
 
@@ -350,7 +350,7 @@ class HybridAttention(nn.Module):
                 picks[:, a:e, :chosen.size(-1)] = chosen
         o, teacher = joint_attention(q, keys, self.attn_sink, self.scale, win, start, entries, self.ratio,
                                      None if dense_csa else picks,
-                                     want_teacher=return_aux and picks is not None)
+                                     want_teacher=return_aux and picks is not None, backend=self.backend)
         # wo_b's GEMM, the largest, runs outside the recomputed piece (its input z is kept).
         z = recompute_rows(self._derotated_grouped_output, o, positions, freqs, [self.wo_a.weight])
         y = self.wo_b(z.flatten(2))

@@ -19,6 +19,7 @@ from torch import nn
 from .checks import check_bool, check_int, check_positive_finite, check_tensor
 from .config import QUANT_MODES
 from .modules import RMSNorm, linear
+from .ops.compress import compress
 from .quant import fake_quant_fp4, fake_quant_nope_fp8, hadamard_rotate
 from .rope import apply_rope
 
@@ -44,35 +45,13 @@ class CompressorState:
         return CompressorState(self.kv.clone(), self.score.clone())
 
 
-def pool_blocks(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Softmax over the slot axis (-2) per feature, then the weighted sum: [.., slots, d] -> [.., d]."""
-    weights = score.softmax(dim=-2)
-    if torch.is_grad_enabled() and (kv.requires_grad or score.requires_grad):
-        return (weights * kv).sum(dim=-2)  # autograd keeps the softmax output for its backward
-    return weights.mul_(kv).sum(dim=-2)  # same values, one full-size temporary fewer
-
-
-def overlap_slots(blocks: torch.Tensor, previous: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[b, n, r, 2d] blocks and the block before the first [b, r, 2d] -> [b, n, 2r, d] slots.
-
-    Entry i uses features [0, d) of block i-1 (its "previous" half) followed by features [d, 2d)
-    of block i (its "current" half), SPEC 5.2. Written into one new tensor (no concatenations:
-    at prefill these are full-sequence copies).
-    """
-    b, n, r, _ = blocks.shape
-    slots = blocks.new_empty(b, n, 2 * r, head_dim, dtype=torch.promote_types(blocks.dtype, previous.dtype))
-    slots[:, :1, :r] = previous[:, None, :, :head_dim]
-    slots[:, 1:, :r] = blocks[:, :-1, :, :head_dim]
-    slots[:, :, r:] = blocks[..., head_dim:]
-    return slots
-
-
 class Compressor(nn.Module):
     """Main compressor (d = head_dim, FP8 on the non-rope dims) or the indexer's (rotate=True:
     Hadamard then FP4 over all dims)."""
 
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, rope_dim: int,
-                 norm_eps: float, rotate: bool = False, hadamard: bool = True) -> None:
+                 norm_eps: float, rotate: bool = False, hadamard: bool = True,
+                 backend: str = "auto") -> None:
         super().__init__()
         for name, value in (("dim", dim), ("head_dim", head_dim), ("ratio", ratio)):
             check_int(name, value, 1)
@@ -84,6 +63,7 @@ class Compressor(nn.Module):
             check_bool(name, value)
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
         self.rope_dim, self.rotate, self.hadamard = rope_dim, rotate, hadamard
+        self.backend = backend  # of `ops.compress`: "auto" takes Triton for CUDA tensors
         width = (2 if overlap else 1) * head_dim
         # The reference keeps these in fp32 (SPEC 5.1, 11); the pooling is fp32 throughout.
         self.ape = nn.Parameter(torch.zeros(ratio, width))
@@ -147,7 +127,7 @@ class Compressor(nn.Module):
               ) -> tuple[torch.Tensor, CompressorState]:
         """The entries x [b, s, dim] completes, pooled (fp32, before `_finish`), and the next state."""
         s = x.size(1)
-        r, d = self.ratio, self.head_dim
+        r = self.ratio
         xf = x.float()
         slot = torch.arange(start_pos, start_pos + s, device=x.device) % r
         if self._trains(x):  # one GEMM for both projections, and one for their input gradient
@@ -166,14 +146,12 @@ class Compressor(nn.Module):
             score = torch.cat((state.score[:, first:first + filled], score), dim=1)
         n = kv.size(1) // r
         cut = n * r
+        # The scores hold the slot bias already (the state's rows do too): compress adds none.
+        previous = (state.kv[:, :r], state.score[:, :r]) if self.overlap else None
+        pooled = compress(kv[:, :cut], score[:, :cut], None, r, self.overlap, previous,
+                          backend=self.backend)  # [b, n, d] fp32
         blocks_kv = kv[:, :cut].unflatten(1, (n, r))  # [b, n, r, c*d]
         blocks_score = score[:, :cut].unflatten(1, (n, r))
-        if self.overlap:
-            slots_kv = overlap_slots(blocks_kv, state.kv[:, :r], d)  # [b, n, 2r, d]
-            slots_score = overlap_slots(blocks_score, state.score[:, :r], d)
-        else:
-            slots_kv, slots_score = blocks_kv, blocks_score
-        pooled = pool_blocks(slots_kv, slots_score)  # [b, n, d] fp32
         return pooled, self._next_state(state, kv[:, cut:], score[:, cut:], blocks_kv, blocks_score)
 
     def _finish(self, entries: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,

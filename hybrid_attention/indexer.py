@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_int, check_tensor
 from .compressor import Compressor
 from .config import AttentionConfig
 from .modules import Linear, linear
+from .ops.indexer_topk.reference import topk_lowest_index_ties
 from .quant import fake_quant_fp4, hadamard_rotate
 from .rope import apply_rope
 
 
 class Indexer(nn.Module):
-    def __init__(self, cfg: AttentionConfig, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, cfg: AttentionConfig, dtype: torch.dtype | None = None, backend: str = "auto") -> None:
         super().__init__()
         if not isinstance(cfg, AttentionConfig):
             raise TypeError(f"cfg must be an AttentionConfig, got {type(cfg).__name__}")
@@ -30,7 +30,7 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False, dtype=dtype)
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True,
                                      rope_dim=cfg.rope_head_dim, norm_eps=cfg.norm_eps,
-                                     rotate=True, hadamard=cfg.hadamard)
+                                     rotate=True, hadamard=cfg.hadamard, backend=backend)
 
     def queries(self, qr: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """qr [b, s, q_lora] -> indexer queries [b, s, hi, di]: RoPE, Hadamard, FP4."""
@@ -82,31 +82,6 @@ def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     offsets = torch.arange(b, device=rows.device)[:, None, None] * rows.size(1)
     return rows.reshape(-1, rows.size(-1)).index_select(0, (indices + offsets).reshape(-1)).view(
         b, q, k, rows.size(-1))
-
-
-def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row, ties broken by the lower index, in ascending order.
-
-    torch.topk leaves the order of equal values unspecified (and it differs between devices); here
-    the set depends only on the numbers, so prefill and streaming pick the same entries (SPEC 12).
-    """
-    check_tensor("scores", scores)
-    check_int("k", k, 1)
-    if scores.dim() == 0 or k > scores.size(-1):
-        raise ValueError(f"k={k} must not exceed the number of scores per row, got shape "
-                         f"{tuple(scores.shape)}")
-    kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value, [.., 1]
-    return lowest_index_ties(scores, kth, k)
-
-
-def lowest_index_ties(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """Given each row's k-th largest score kth [.., 1]: the ids of every score above it, then of the
-    scores equal to it in index order until k are chosen, ascending [.., k]."""
-    above = scores > kth
-    tied = scores == kth
-    room = k - above.sum(-1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(-1) <= room))
-    return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
 def select_entries(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_session  # noqa: E402
 
-OPS = ("sparse_attention", "indexer_topk", "compress")
+OPS = ("sparse_attention", "indexer_topk", "compress", "joint_attention")
 
 
 def report_tables(text: str) -> dict[str, list[list[dict[str, str]]]]:
@@ -80,7 +80,8 @@ def test_cpu_smoke_session_writes_every_section(tmp_path):
     assert {row["op"]: row["result"] for row in summary if row["op"] in OPS} == dict.fromkeys(OPS, "pass")
     assert {row["op"] for row in tensors + picks} == set(OPS)
     assert all(row["result"] == "pass" for row in tensors + picks)
-    assert {row["tensor"] for row in tensors} == {"out", "dq", "dkv", "dsink", "entries", "dscore", "dape"}
+    assert {row["tensor"] for row in tensors} == {"out", "dq", "dkv", "dsink", "entries", "dscore", "dape",
+                                                  "teacher", "dcompressed"}
 
     (layers,) = section(text, "2. Prefill and decode")
     timed = {(r["phase"], r["kind"], int(r["tokens"]), r["op"]) for r in layers if is_number(r["time ms"])}
@@ -103,7 +104,7 @@ def test_cpu_smoke_session_writes_every_section(tmp_path):
         for step in ("dense SDPA", "csa", "hca", "window"):
             assert (length, step) in timed, (length, step)
 
-    assert "- kernel checks: 8 of 8 passed" in text
+    assert "- kernel checks: 10 of 10 passed" in text
     assert elapsed < 120, f"the smoke session took {elapsed:.0f} s"
 
 

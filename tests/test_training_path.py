@@ -18,7 +18,8 @@ from hybrid_attention.ops.joint_attention import cpu, joint_attention_reference
 TINY = AttentionConfig.preset("tiny")  # window 8, CSA ratio 4 with top-k 4, HCA ratio 8
 
 
-def reference_ops(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher):
+def reference_ops(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher,
+                  backend="auto"):
     return joint_attention_reference(q, kv, sink, scale, window_size, start, compressed, ratio, picks)
 
 

@@ -163,9 +163,10 @@ def test_triton_on_a_cpu_tensor_says_what_to_use(monkeypatch):
                                          'backend="torch" or backend="auto"'):
         layer(torch.randn(2, 3, TINY.dim), state=state)
     assert_unchanged(before, state)
-    # The torch path (return_aux) takes no kernel, and the interpreter runs the kernels on CPU tensors.
-    with torch.no_grad():
-        layer(torch.randn(2, 3, TINY.dim), return_aux=True)
+    # The training path (return_aux) runs on the kernels too; the interpreter runs them on CPU tensors.
+    with pytest.raises(ValueError, match='backend="triton" runs on CUDA tensors'):
+        layer(torch.randn(2, 3, TINY.dim), state=state, return_aux=True)
+    assert_unchanged(before, state)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.resolve_backend("triton", torch.zeros(1)) == "triton"
 

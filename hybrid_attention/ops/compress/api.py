@@ -9,13 +9,14 @@ from ..dispatch import resolve_backend
 from .reference import compress_reference
 
 
-def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ratio: int, overlap: bool,
              previous: tuple[torch.Tensor, torch.Tensor] | None = None,
              backend: str = "auto") -> torch.Tensor:
     """Pool every complete block of `ratio` tokens into one entry (SPEC 5.2): [b, s // ratio, d] fp32.
 
     kv [b, s, c*d] projected values and score [b, s, c*d] gate scores of tokens that start at a block
-    boundary (c = 2 with overlap, else 1), ape [ratio, c*d] the per-slot bias added to the scores.
+    boundary (c = 2 with overlap, else 1), ape [ratio, c*d] the per-slot bias added to the scores
+    (None: the scores include it already, as the compressor's own, and its state's, do).
     Entry i is, per feature, the softmax over its slots of score + ape weighting kv. With overlap
     its slots are the previous block through features [0, d) and block i through features [d, 2d);
     before entry 0 the previous block is `previous` = (kv, score with ape already added), each
@@ -38,7 +39,7 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: in
 
 
 def _validate(kv, score, ape, ratio, overlap, previous) -> None:
-    for name, value in (("kv", kv), ("score", score), ("ape", ape)):
+    for name, value in (("kv", kv), ("score", score)):
         check_tensor(name, value)
     check_int("ratio", ratio, 1)
     check_bool("overlap", overlap)
@@ -50,9 +51,11 @@ def _validate(kv, score, ape, ratio, overlap, previous) -> None:
     if score.shape != kv.shape or not score.is_floating_point():
         raise ValueError(f"score must be a float [{b}, {s}, {width}] tensor like kv, got {score.dtype} "
                          f"{tuple(score.shape)}")
-    if ape.shape != (ratio, width) or not ape.is_floating_point():
-        raise ValueError(f"ape must be a float [{ratio}, {width}] (ratio, width) tensor, got {ape.dtype} "
-                         f"{tuple(ape.shape)}")
+    if ape is not None:
+        check_tensor("ape", ape)
+        if ape.shape != (ratio, width) or not ape.is_floating_point():
+            raise ValueError(f"ape must be a float [{ratio}, {width}] (ratio, width) tensor, got "
+                             f"{ape.dtype} {tuple(ape.shape)}")
     check_same_device(kv=kv, score=score, ape=ape)
     if previous is not None:
         if not overlap:

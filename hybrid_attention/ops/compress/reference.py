@@ -13,16 +13,42 @@ from __future__ import annotations
 
 import torch
 
-from ...compressor import overlap_slots, pool_blocks
+
+def pool_blocks(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Softmax over the slot axis (-2) per feature, then the weighted sum: [.., slots, d] -> [.., d]."""
+    weights = score.softmax(dim=-2)
+    if torch.is_grad_enabled() and (kv.requires_grad or score.requires_grad):
+        return (weights * kv).sum(dim=-2)  # autograd keeps the softmax output for its backward
+    return weights.mul_(kv).sum(dim=-2)  # same values, one full-size temporary fewer
 
 
-def compress_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
-                       previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """kv, score [b, s, c*d], ape [ratio, c*d] -> entries [b, s // ratio, d] fp32 (c = 2 with overlap)."""
+def overlap_slots(blocks: torch.Tensor, previous: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[b, n, r, 2d] blocks and the block before the first [b, r, 2d] -> [b, n, 2r, d] slots.
+
+    Entry i uses features [0, d) of block i-1 (its "previous" half) followed by features [d, 2d)
+    of block i (its "current" half), SPEC 5.2. Written into one new tensor (no concatenations:
+    at prefill these are full-sequence copies).
+    """
+    b, n, r, _ = blocks.shape
+    slots = blocks.new_empty(b, n, 2 * r, head_dim, dtype=torch.promote_types(blocks.dtype, previous.dtype))
+    slots[:, :1, :r] = previous[:, None, :, :head_dim]
+    slots[:, 1:, :r] = blocks[:, :-1, :, :head_dim]
+    slots[:, :, r:] = blocks[..., head_dim:]
+    return slots
+
+
+
+def compress_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ratio: int,
+                       overlap: bool, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> torch.Tensor:
+    """kv, score [b, s, c*d], ape [ratio, c*d] or None (score holds it already) -> entries
+    [b, s // ratio, d] fp32 (c = 2 with overlap)."""
     b, s, width = kv.shape
     n = s // ratio
     blocks_kv = kv[:, :n * ratio].float().unflatten(1, (n, ratio))  # [b, n, r, c*d]
-    blocks_score = score[:, :n * ratio].float().unflatten(1, (n, ratio)) + ape.float()
+    blocks_score = score[:, :n * ratio].float().unflatten(1, (n, ratio))
+    if ape is not None:
+        blocks_score = blocks_score + ape.float()
     if not overlap:
         return pool_blocks(blocks_kv, blocks_score)
     if previous is None:

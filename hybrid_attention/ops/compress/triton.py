@@ -154,9 +154,12 @@ class _Compress(torch.autograd.Function):
         return dkv.to(kv.dtype), dscore.to(score.dtype), dape.to(ape.dtype), None, None, None, None
 
 
-def compress_triton(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
-                    previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The Triton backend of `compress` (inputs validated); differentiable in kv, score and ape."""
+def compress_triton(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ratio: int,
+                    overlap: bool, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The Triton backend of `compress` (inputs validated); differentiable in kv, score and ape
+    (None: a zero bias, the scores holding it already)."""
+    if ape is None:
+        ape = kv.new_zeros(ratio, kv.size(-1), dtype=torch.float32)
     kv, score, ape = kv.contiguous(), score.contiguous(), ape.contiguous()
     prev_kv, prev_score = (previous[0].detach().contiguous(), previous[1].detach().contiguous()) \
         if previous is not None else (None, None)

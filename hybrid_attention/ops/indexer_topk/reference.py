@@ -15,16 +15,16 @@ top-k. The scores are those of `indexer.index_scores` (same GEMMs, same rounding
 The top-k is a plain `torch.topk` of k + 1 on the scores: when the (k+1)-th best is below the k-th,
 the k best are one set whatever the order among equals. The rows where the two tie take every
 entry above the k-th score and then the entries equal to it in id order
-(`indexer.lowest_index_ties`, the oracle's own rule), the set
+(`lowest_index_ties`, the oracle's own rule), the set
 that a top-k of packed (score, id) keys (`common.pack_scores`, as the Triton kernel builds them)
-gives. Either way the set is that of `indexer.topk_lowest_index_ties`.
+gives. Either way the set is that of `topk_lowest_index_ties`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...indexer import lowest_index_ties
+from ...checks import check_int, check_tensor
 from .common import FP4Keys
 
 # Per-head products of one GEMM, [b, tile, heads, chunk], in elements (4 MB of fp32). A tile of
@@ -37,6 +37,31 @@ QUERY_TILE = 128  # queries per GEMM (its M is QUERY_TILE * heads)
 MIN_KEY_CHUNK = 256  # below this the GEMM gets too thin to run fast
 # Scores of the query group that shares one top-k call, [b, group, entries], in elements (16 MB).
 TOPK_GROUP = 1 << 22
+
+
+def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, ties broken by the lower index, in ascending order.
+
+    torch.topk leaves the order of equal values unspecified (and it differs between devices); here
+    the set depends only on the numbers, so prefill and streaming pick the same entries (SPEC 12).
+    """
+    check_tensor("scores", scores)
+    check_int("k", k, 1)
+    if scores.dim() == 0 or k > scores.size(-1):
+        raise ValueError(f"k={k} must not exceed the number of scores per row, got shape "
+                         f"{tuple(scores.shape)}")
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th largest value, [.., 1]
+    return lowest_index_ties(scores, kth, k)
+
+
+def lowest_index_ties(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Given each row's k-th largest score kth [.., 1]: the ids of every score above it, then of the
+    scores equal to it in index order until k are chosen, ascending [.., k]."""
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
 def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,

@@ -9,6 +9,9 @@ import torch
 from ..dispatch import resolve_backend
 from .cpu import joint_attention_cpu
 
+# What the Triton kernels compute in; "auto" leaves fp64 (the gradient checks) to the torch backend.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window_size: int,
                     start: int = 0, compressed: torch.Tensor | None = None, ratio: int = 0,
@@ -26,15 +29,21 @@ def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale
     teacher: the compressed entries' share of each query's joint softmax, summed over heads
       ([b, s, k] with picks, [b, s, n] without); not differentiable.
 
-    Differentiable in q, kv, compressed and sink. The torch backend (`cpu.py`) works a query block
-    at a time in forward and backward; `reference.py` is its oracle.
+    Differentiable in q, kv, compressed and sink. backend: "torch" (`cpu.py`, a query block at a
+    time in forward and backward), "triton" (`triton.py`: the SPEC 4 row lists through the
+    sparse-attention kernels, forward and backward) or "auto" (Triton for CUDA tensors that are
+    not fp64). `reference.py` is the oracle of both.
     """
     if not torch.compiler.is_compiling():
         _validate(q, kv, sink, window_size, start, compressed, ratio, picks)
-    match resolve_backend(backend, q):
-        case "torch" | "triton":  # the training path has no Triton kernel of its own yet
-            return joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio,
-                                       picks, want_teacher)
+    chosen = resolve_backend(backend, q)
+    if chosen == "triton" and (backend == "triton" or q.dtype in TRITON_DTYPES):
+        from .triton import joint_attention_triton
+
+        return joint_attention_triton(q, kv, sink, scale, window_size, start, compressed, ratio, picks,
+                                      want_teacher)
+    return joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio, picks,
+                               want_teacher)
 
 
 def _validate(q, kv, sink, window_size, start, compressed, ratio, picks) -> None:

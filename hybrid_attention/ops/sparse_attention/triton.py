@@ -5,7 +5,8 @@ the rows of the tensor-core dots: S = Q[heads, d] @ K[chunk, d]^T for each chunk
 
 Forward: online softmax over the chunks. Rows with index -1 are never loaded and score -inf; the
 running max ignores the sink, which joins only the denominator at the end, so a chunk (even the
-first) that is all -1 is harmless. Stores o and the log of the full denominator (lse) for backward.
+first) that is all -1 is harmless. Stores o and the log of the full denominator (lse) for backward;
+`sparse_attention_triton_with_lse` returns lse too, for callers that need the probabilities.
 
 Backward: recompute P = exp(S - lse) per chunk; dS = P * (dP - delta) with delta = rowsum(dO * O);
 dq accumulates in registers; the row gradients dkv = P^T dO + scale * dS^T Q (key = value) go to an
@@ -238,10 +239,11 @@ class _SparseAttention(torch.autograd.Function):
         o, lse = _forward(q, storage, sink, indices, scale, block_table)
         ctx.save_for_backward(q, kv, sink, indices, block_table, o, lse)
         ctx.scale, ctx.fp8_kv = scale, fp8_kv
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         q, kv, sink, indices, block_table, o, lse = ctx.saved_tensors
         storage = ctx.fp8_kv if ctx.fp8_kv is not None else kv
         need_dkv = ctx.fp8_kv is None and ctx.needs_input_grad[1]
@@ -258,6 +260,16 @@ def sparse_attention_triton(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: tor
                             block_table: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton backend of `sparse_attention` (inputs already validated); differentiable in q,
     sink and plain kv."""
+    return sparse_attention_triton_with_lse(q, kv, sink, indices, scale, block_table)[0]
+
+
+def sparse_attention_triton_with_lse(q: torch.Tensor, kv: torch.Tensor | FP8KV, sink: torch.Tensor,
+                                     indices: torch.Tensor, scale: float,
+                                     block_table: torch.Tensor | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_attention_triton`'s output and the log-sum-exp lse [b, s, h] fp32 of each query's
+    softmax (scaled scores and sink; -inf where there is nothing to attend to), so that a caller can
+    recompute any probability as exp(scale * <q, row> - lse). lse carries no gradient."""
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton backend takes fp32, bf16 or fp16 queries, got {q.dtype}")
     q, indices = q.contiguous(), indices.contiguous()
