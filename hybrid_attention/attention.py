@@ -6,8 +6,14 @@ rows into entries; CSA layers let the indexer pick top-k entries per query. Each
 its window rows plus its compressed entries plus the sink; the output is de-rotated and projected
 by the grouped low-rank output (wo_a per group, then wo_b).
 
-Queries are processed in blocks (`AttentionConfig.query_block_size`, shrunk when a block would
-score too many keys), so prefill memory grows linearly with the sequence.
+This file is the wiring: projections, the index structure (window rows, visible entries, the
+indexer's picks), calls of the ops in `ops/`, and the output projection. The attention itself is
+`ops.joint_attention`: its CPU file holds the inference forward (`joint_attention_inference`, one
+query block at a time) and the training op (forward and backward a query block at a time); its
+Triton file the CUDA path; `ops.sparse_attention` serves the kernel path and the official
+construction (`reference_forward`). Queries are processed in blocks
+(`AttentionConfig.query_block_size`, shrunk when a block would score too many keys), so memory
+grows linearly with the sequence.
 """
 
 from __future__ import annotations
@@ -20,19 +26,16 @@ from torch import nn
 from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_device
 from .compressor import Compressor
 from .config import AttentionConfig
-from .indexer import Indexer, gather_rows, gathered_index_scores, index_scores, select_entries
+from .indexer import Indexer, gather_rows, index_scores, select_entries
 from .modules import Linear, RMSNorm, head_rms_normalize, recompute_rows
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
-from .ops.indexer_loss.reference import kl_to_teacher
 from .ops.joint_attention import joint_attention
+from .ops.joint_attention.cpu import HAS_CPU_FLASH, full_attention_fused, joint_attention_inference
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
-
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_HAS_CPU_FLASH = _CPU_FLASH is not None
 
 # Largest number of fp32 scores one query block may hold ([block, heads, keys]); bounds memory.
 SCORE_BUDGET = 1 << 25
@@ -141,7 +144,7 @@ class HybridAttention(nn.Module):
 
         state: continue the sequences it holds (chunked prefill, decode); it is updated only when
           the call succeeds.
-        return_aux: also return {"indexer_loss", "attended_keys"} (see `indexer_kl_loss`) and, for a
+        return_aux: also return {"indexer_loss", "attended_keys"} (see `ops.indexer_loss`) and, for a
           CSA layer that uses its indexer, "picks": the entry ids each query attended [b, s, k]
           (int64, -1 = none).
         dense_csa: a CSA layer attends to every visible compressed entry, as in the indexer's
@@ -152,7 +155,7 @@ class HybridAttention(nn.Module):
         check_bool("dense_csa", dense_csa)
         self._check_input(x, state, check_finite)
         # The kernel path (Triton) serves plain inference; the indexer loss and the dense CSA
-        # warm-up take the torch path. Resolved here so that a backend that cannot run fails first.
+        # warm-up take the training path. Resolved here so that a backend that cannot run fails first.
         kernels = self.kind != "full" and not (return_aux or dense_csa) \
             and resolve_backend(self.backend, x) == "triton"
         b, s, _ = x.shape
@@ -188,12 +191,15 @@ class HybridAttention(nn.Module):
         if kernels:
             y, aux = self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
                                           head_weights)
-        elif self.kind != "full" and torch.is_grad_enabled() and qr.requires_grad:
+        elif self.kind != "full" and (return_aux or dense_csa
+                                      or (torch.is_grad_enabled() and qr.requires_grad)):
             y, aux = self._attend_train(qr, keys, positions, freqs, compressed, index_keys, head_weights,
                                         return_aux, dense_csa)
         else:
             y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
-                                  head_weights, return_aux, dense_csa)
+                                  head_weights)
+            if return_aux:  # "full": no compressed entries, so no indexer loss
+                aux["indexer_loss"] = qr.new_zeros((), dtype=torch.float32)
         if state is not None:
             self._commit(state, kv, updates)
         if return_aux:
@@ -252,18 +258,20 @@ class HybridAttention(nn.Module):
             block = min(block, GATHER_BUDGET // (gathered * self.head_dim))
         return max(1, block)
 
-    def _attend(self, qr, keys, context, positions, freqs, compressed, index_keys, head_weights,
-                return_aux, dense_csa):
-        """Everything after the shared rows, one query block at a time: the block's queries, the
-        joint softmax over its window rows + compressed entries + sink, the de-rotation and the
-        output projection. Each block's intermediates are small enough to stay in cache."""
+    def _attend(self, qr, keys, context, positions, freqs, compressed, index_keys, head_weights):
+        """Inference (no autograd, no indexer loss): one query block at a time, the block's queries,
+        then `joint_attention_inference` over its window rows + compressed entries (every visible
+        one for HCA, the indexer's picks for CSA, gathered from the cache's storage) + sink, the
+        de-rotation and the output projection. Each block's intermediates stay cache-sized."""
         b, s = qr.shape[:2]
         win = self.cfg.window_size
         start = int(positions[0])
         windows, gathered = None, 0
         if self.kind == "full":
             n_keys = keys.size(1)
-            fused = not torch.is_grad_enabled() and _HAS_CPU_FLASH and not qr.is_cuda
+            # The fused kernel has no backward here: autograd (the "full" kind's training) takes
+            # the blocked path.
+            fused = HAS_CPU_FLASH and not qr.is_cuda and not torch.is_grad_enabled()
         else:
             # Query t's window is rows [t, t + win) of the keys padded in front to win - 1 rows of
             # context; unfold makes that a zero-copy view [b, s, d, win]. The scores are fp32:
@@ -271,7 +279,7 @@ class HybridAttention(nn.Module):
             padded = nn.functional.pad(keys.float(), (0, 0, win - 1 - context, 0))
             windows = padded.unfold(1, win, 1)
             n_entries = compressed.size(1) if compressed is not None else 0
-            if self.kind == "csa" and not dense_csa:
+            if self.kind == "csa":
                 n_entries = gathered = min(n_entries, self.cfg.index_topk)
             if isinstance(compressed, torch.Tensor) and compressed.dtype != torch.float32 \
                     and s * max(gathered, 1) >= compressed.size(1):
@@ -282,48 +290,54 @@ class HybridAttention(nn.Module):
             fused = False
         block = self._block_size(n_keys)
         sub = self._block_size(n_keys, gathered)  # queries per attention step within a block
-        y, losses, attended, all_picks = None, [], 0.0, []
+        y, attended = None, 0.0
         for a in range(0, s, block):
             e = min(s, a + block)
             pos = positions[a:e]
             q = self._queries(qr[:, a:e], pos, freqs)  # [b, n, h, d]
-            if fused:
-                o = self._full_attention_fused(q, keys[:, :start + e], start + a)
+            picks = None
+            if self.kind == "csa":
+                qi = self.indexer.queries(qr[:, a:e], pos, freqs)  # [b, n, hi, di]
+                picks = self._pick_entries(qi, head_weights[:, a:e], index_keys, pos)
+            if self.kind == "full":
+                rows = keys[:, :start + e]
+                o = full_attention_fused(q, rows, start + a, self.attn_sink, self.scale) if fused else \
+                    joint_attention_inference(q, pos, self.attn_sink, self.scale, rows=rows)
                 attended += float((pos + 1).sum()) * b
             else:
-                qi = picks = None
-                weights = None if head_weights is None else head_weights[:, a:e]
-                if self.indexer is not None:
-                    qi = self.indexer.queries(qr[:, a:e].detach(), pos, freqs)  # [b, n, hi, di]
-                    if not dense_csa:
-                        picks = self._pick_entries(qi, weights, index_keys, pos)
-                        all_picks.append(picks)
                 parts = []
                 for i in range(0, e - a, sub):
                     j = min(e - a, i + sub)
-                    o, count, loss = self._attend_block(
-                        q[:, i:j], pos[i:j], keys, windows, a + i, a + j, compressed, index_keys,
-                        None if qi is None else qi[:, i:j], None if weights is None else weights[:, i:j],
-                        None if picks is None else picks[:, i:j], return_aux, dense_csa)
-                    parts.append(o)
-                    attended += count
-                    if loss is not None:
-                        losses.append(loss)
+                    parts.append(self._attend_block(q[:, i:j], pos[i:j], windows[:, a + i:a + j], compressed,
+                                                    None if picks is None else picks[:, i:j]))
                 o = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+                attended += float((pos + 1).clamp_max(win).sum()) * b
+                if self.kind == "csa":
+                    attended += float((picks >= 0).sum())
+                elif compressed is not None:
+                    attended += float(visible_entries(pos, self.ratio).sum()) * b
             o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
             y = self._write_block(y, self._output(o), a, s)
-        aux = {"attended_keys": attended / (b * s)}
-        if return_aux:
-            aux["indexer_loss"] = _mean_loss(losses, qr)
-            if all_picks:
-                aux["picks"] = _padded_cat(all_picks)
-        return y, aux
+        return y, {"attended_keys": attended / (b * s)}
+
+    def _attend_block(self, q, pos, windows, compressed, picks):
+        """Queries q [b, n, h, d] at positions pos: the keys they see, as views of the layer's rows
+        and storage, into `joint_attention_inference`; o [b, n, h, d] fp32."""
+        entries = picked = None
+        if self.kind == "hca":
+            # No query of the block sees past its last query's entries: skip the rest.
+            entries = _dense(compressed[:, :int(visible_entries(pos[-1:], self.ratio)[0])])
+        elif self.kind == "csa":  # a sub-block may see fewer entries than the picks' width
+            picked = gather_rows(compressed, picks.clamp_min(0))  # [b, n, k, d]
+        return joint_attention_inference(q, pos, self.attn_sink, self.scale, windows=windows, entries=entries,
+                                         ratio=self.ratio, picked=picked, picks=picks)
 
     def _attend_train(self, qr, keys, positions, freqs, compressed, index_keys, head_weights, return_aux,
                       dense_csa):
-        """The training path (autograd on): the ops whose backward works a query block at a time.
+        """The training path (autograd on, or the indexer loss or the dense warm-up asked for): the
+        ops whose backward works a query block at a time.
 
-        Queries for the whole chunk, the indexer's picks (no gradient: a discrete choice) a block
+        Queries for the whole chunk (recomputed in backward, `recompute_rows`), the indexer's picks (no gradient: a discrete choice) a block
         at a time, then `joint_attention` (window + compressed entries + sink) and, for the
         indexer, `indexer_loss` against the attention's own share of each pick (the teacher).
         Equal to the blocked inference path, which autograd would have to slice and stitch.
@@ -367,7 +381,7 @@ class HybridAttention(nn.Module):
                 if not dense_csa:
                     aux["picks"] = picks
             else:
-                aux["indexer_loss"] = _mean_loss([], qr)
+                aux["indexer_loss"] = qr.new_zeros((), dtype=torch.float32)
         return y, aux
 
     def _pick_entries(self, qi, head_weights, index_keys, pos):
@@ -380,78 +394,12 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             return indexer_topk(qi, head_weights, keys, min(self.cfg.index_topk, n_visible), visible).long()
 
-    def _attend_block(self, q, pos, keys, windows, a, e, compressed, index_keys, qi, head_weights,
-                      picks, return_aux, dense_csa):
-        """Queries [a, e) of the chunk: o [b, n, h, d] fp32, the (query, key) pairs attended, and
-        the block's indexer loss terms (or None). CSA (not dense): `picks` are the indexer's."""
-        b = q.size(0)
-        win = self.cfg.window_size
-        start = int(pos[0]) - a
-        q_blk = q.float() * self.scale  # [b, n, h, d], the softmax scale folded in
-        scores, values = [], []  # segments: scores [b, n, h, k], values and how to apply them
-        attended = 0.0
-        if self.kind == "full":
-            key_pos = torch.arange(start + e, device=q.device)
-            z = torch.einsum("bqhd,bkd->bqhk", q_blk, keys[:, : start + e].float())
-            mask = key_pos[None, :] > pos[:, None]  # [n, k]
-            scores.append(z.masked_fill_(mask[None, :, None], float("-inf")))
-            values.append(("dense", keys[:, : start + e]))
-            attended += float((~mask).sum()) * b
-        else:
-            w = windows[:, a:e].float()  # [b, n, d, win]
-            z = torch.einsum("bqhd,bqdw->bqhw", q_blk, w)
-            first = int(pos[0])
-            if first < win - 1:  # the first queries' windows reach before position 0
-                key_pos = pos[:, None] - win + 1 + torch.arange(win, device=q.device)
-                z.masked_fill_((key_pos < 0)[None, :, None], float("-inf"))
-            scores.append(z)
-            values.append(("window", w))
-            attended += float((pos + 1).clamp_max(win).sum()) * b
-        block_keys = visible = None
-        if compressed is not None:
-            visible = visible_entries(pos, self.ratio)  # [n]
-            if self.kind == "hca" or dense_csa:
-                # No query of the block sees past its last query's entries: skip the rest.
-                n_visible = int(visible[-1])
-                entries = _dense(compressed[:, :n_visible])
-                block_keys = index_keys[:, :n_visible] if index_keys is not None else None
-                z = torch.einsum("bqhd,btd->bqht", q_blk, entries.float())
-                lo = int(visible[0])  # every query of the block sees the entries before this one
-                hidden = torch.arange(lo, n_visible, device=q.device) >= visible[:, None]
-                z[..., lo:].masked_fill_(hidden[None, :, None], float("-inf"))
-                scores.append(z)
-                values.append(("dense", entries))
-                attended += float(visible.sum()) * b
-            else:  # picks: the block's; a sub-block may see fewer entries than their width
-                block_keys = index_keys
-                rows = gather_rows(compressed, picks.clamp_min(0))  # [b, n, k, d]
-                z = q_blk @ rows.float().transpose(-1, -2)  # [b, n, h, k]; bmm beats einsum here
-                scores.append(z.masked_fill_((picks < 0)[:, :, None], float("-inf")))
-                values.append(("gathered", rows))
-                attended += float((picks >= 0).sum())
-        probs = sink_softmax_fused(scores, self.attn_sink)
-        out = 0
-        for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
-            if how == "window":
-                out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
-            elif how == "dense":  # rows shared by the block's queries: one GEMM, no broadcast copy
-                out = out + (p.flatten(1, 2) @ v.float()).view(p.shape[:3] + (-1,))
-            else:
-                out = out + p @ v.float()
-        loss = None
-        if return_aux and self.kind == "csa":
-            # The joint softmax's compressed part (counted from the front: with no entry yet its
-            # width is 0, and a slice [-0:] would take every column).
-            entry_probs = probs[..., probs.size(-1) - scores[-1].size(-1):]
-            loss = self._indexer_loss_terms(entry_probs, qi, head_weights, block_keys, picks, visible)
-        return out, attended, loss
-
     def _attend_indexed(self, qr, keys, context, positions, freqs, compressed, index_keys,
                         head_weights):
         """The kernel path (Triton on CUDA): one KV buffer (window rows, then compressed entries)
         and an explicit row list per query (SPEC 4), fed to `ops.indexer_topk` and
         `ops.sparse_attention` a query block at a time. Equal to the torch path (tested under
-        Triton's interpreter); the torch path keeps the indexer loss and the dense CSA warm-up."""
+        Triton's interpreter); the indexer loss and the dense CSA warm-up take the training path."""
         b, s = qr.shape[:2]
         win, backend = self.cfg.window_size, self.backend
         buffer = keys if compressed is None else torch.cat((keys, _dense(compressed).to(keys.dtype)), dim=1)
@@ -483,39 +431,7 @@ class HybridAttention(nn.Module):
             o = sparse_attention(q, buffer, self.attn_sink, indices, self.scale, backend=backend)
             o = apply_rope(o.to(qr.dtype), pos, freqs, inverse=True)
             y = self._write_block(y, self._output(o), a, s)
-        return y, {}  # aux is only asked for with return_aux, which takes the torch path
-
-    def _full_attention_fused(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Inference path of the "full" kind: torch's fused CPU flash kernel, which also returns the
-        log-sum-exp, over the earlier rows (no mask) and the block's own rows (causal); the two
-        partial softmaxes and the sink are then merged:
-            o = sum_i o_i e^(lse_i - m) / (sum_i e^(lse_i - m) + e^(sink - m)).
-        q [b, n, h, d] at positions [start, start + n), keys [b, start + n, d]. Equal to the blocked
-        path (tested); that path stays the one autograd sees."""
-        b, s, h, d = q.shape
-        qh = q.float().transpose(1, 2)  # [b, h, s, d]
-        parts = []
-        for rows, causal in ((keys[:, :start], False), (keys[:, start:], True)):
-            if rows.size(1):
-                kv = rows.float()[:, None].expand(b, h, rows.size(1), d)  # the one KV head, shared
-                parts.append(_CPU_FLASH(qh, kv, kv, 0.0, causal, attn_mask=None, scale=self.scale)[:2])
-        sink = self.attn_sink.float()[None, :, None]  # [1, h, 1]
-        m = torch.stack([lse for _, lse in parts]).amax(0).clamp_min(sink)  # [b, h, s]
-        weights = [torch.exp(lse - m) for _, lse in parts]
-        denom = sum(weights) + torch.exp(sink - m)
-        o = sum(part * (w / denom)[..., None] for (part, _), w in zip(parts, weights, strict=True))
-        return o.transpose(1, 2)  # [b, s, h, d] fp32
-
-    def _indexer_loss_terms(self, entry_probs, qi, head_weights, index_keys, picks, visible):
-        """Per-block (sum of KL, number of queries) for the indexer loss (see `indexer_kl_loss`)."""
-        if picks is None:  # dense: every visible entry
-            student = index_scores(qi, head_weights, index_keys).float()
-            hidden = torch.arange(index_keys.size(1), device=qi.device) >= visible[:, None]
-            valid = ~hidden[None].expand_as(student)
-        else:
-            student = gathered_index_scores(qi, head_weights, index_keys, picks.clamp_min(0)).float()
-            valid = picks >= 0
-        return indexer_kl_loss(entry_probs, student, valid)
+        return y, {}  # aux is only asked for with return_aux, which takes the training path
 
     def _commit(self, state: LayerState, kv: torch.Tensor, updates: dict) -> None:
         """Write the call's rows into the state; runs only after everything was computed."""
@@ -681,42 +597,6 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(loaded[name])
-
-
-def indexer_kl_loss(entry_probs: torch.Tensor, student_scores: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """KL(teacher || softmax(student)) summed over queries, and the number of queries counted.
-
-    entry_probs [b, n, h, k]: the main attention's joint softmax (window + compressed + sink)
-    restricted to the compressed entries. The teacher sums it over heads and L1-normalises over
-    the entries (so heads that give compressed entries more mass weigh more), detached.
-    student_scores [b, n, k]: indexer scores of the same entries; valid [b, n, k] marks real ones.
-    """
-    total, counted = kl_to_teacher(entry_probs.detach().sum(dim=2), student_scores, valid)
-    return total, int(counted)
-
-
-def sink_softmax_fused(segments: list[torch.Tensor], sink: torch.Tensor) -> torch.Tensor:
-    """The joint softmax of `sink_softmax` over the score segments [b, n, h, k_i] laid side by
-    side, with the sink as one more column, in one fused `torch.softmax`: [b, n, h, sum k_i] fp32.
-    Every row has a finite score (a query's window holds its own row), so no row is all -inf."""
-    b, n, h = segments[0].shape[:3]
-    sink_column = sink.float()[:, None].expand(b, n, h, 1)
-    probs = torch.softmax(torch.cat((*segments, sink_column), dim=-1), dim=-1)
-    return probs[..., :-1]
-
-
-def _padded_cat(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Pick blocks [b, n_i, k_i] (early blocks may see fewer than top-k entries) as one [b, s, k]
-    tensor, -1 where a block had fewer picks."""
-    k = max(block.size(-1) for block in blocks)
-    return torch.cat([nn.functional.pad(block, (0, k - block.size(-1)), value=-1) for block in blocks], 1)
-
-
-def _mean_loss(terms: list, like: torch.Tensor) -> torch.Tensor:
-    total = sum((t for t, _ in terms), like.new_zeros((), dtype=torch.float32))
-    count = sum(n for _, n in terms)
-    return total / max(count, 1)
 
 
 def _detached(state):

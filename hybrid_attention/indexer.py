@@ -60,14 +60,6 @@ def index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) ->
     return total.to(qi.dtype)
 
 
-def gathered_index_scores(qi: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                          indices: torch.Tensor) -> torch.Tensor:
-    """Scores of chosen entries only: indices [b, q, k] (>= 0) -> [b, q, k] (for the indexer loss)."""
-    chosen = gather_rows(keys, indices)  # [b, q, k, di]
-    per_head = torch.relu(torch.einsum("bqhd,bqkd->bqhk", qi, chosen))
-    return (per_head * weights[..., None]).sum(dim=2)
-
-
 def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """rows [b, t, d], indices [b, q, k] (>= 0) -> [b, q, k, d].
 

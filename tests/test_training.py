@@ -4,7 +4,7 @@ import torch
 from conftest import layer_of_kind
 
 from hybrid_attention import AttentionConfig
-from hybrid_attention.attention import indexer_kl_loss
+from hybrid_attention.ops.indexer_loss.reference import kl_to_teacher
 
 TINY = AttentionConfig.preset("tiny")
 
@@ -47,12 +47,12 @@ def test_kl_loss_by_hand():
     probs = torch.tensor([0.2, 0.6]).view(1, 1, 1, 2)
     student = torch.tensor([0.0, 0.0]).view(1, 1, 2)  # uniform
     valid = torch.ones(1, 1, 2, dtype=torch.bool)
-    total, count = indexer_kl_loss(probs, student, valid)
+    total, count = kl_to_teacher(probs.sum(2), student, valid)  # the teacher: summed over heads
     expected = 0.25 * torch.log(torch.tensor(0.5)) + 0.75 * torch.log(torch.tensor(1.5))
     assert count == 1 and abs(total.item() - expected.item()) < 1e-6
     # masked entries and queries without entries do not count
     valid2 = torch.tensor([[[True, False], [False, False]]])
-    total, count = indexer_kl_loss(torch.rand(1, 2, 3, 2), torch.randn(1, 2, 2), valid2)
+    total, count = kl_to_teacher(torch.rand(1, 2, 3, 2).sum(2), torch.randn(1, 2, 2), valid2)
     assert count == 1 and abs(total.item()) < 1e-6  # one entry: teacher = student = 1
 
 

@@ -1,5 +1,6 @@
 """The fast torch backend of `joint_attention`: forward and backward a query block at a time, as a
-`torch.autograd.Function` (flash-attention style).
+`torch.autograd.Function` (flash-attention style); and, at the end, the inference forward the
+layer calls without autograd (`joint_attention_inference`).
 
 Forward keeps, per query and head, only the log-sum-exp of the joint softmax (window + compressed
 + sink) besides the output. Backward recomputes each block's scores from the saved inputs, and
@@ -186,3 +187,105 @@ def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
 def joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher):
     return JointAttention.apply(q, kv, compressed, sink, picks, scale, window_size, start, ratio,
                                 want_teacher)
+
+
+# Inference ---------------------------------------------------------------------------------------
+# Without autograd the layer calls these on each query block of a prefill or decode step: exactly
+# the useful work (a window is its own rows, not a band), the keys prepared by the layer as views
+# of its state and storage: `windows` the unfolded window rows, `entries` the compressed entries
+# the block sees, `picked` the rows the indexer chose (gathered from a paged cache where needed).
+
+
+def joint_attention_inference(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, scale: float,
+                              windows: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                              entries: torch.Tensor | None = None, ratio: int = 0,
+                              picked: torch.Tensor | None = None,
+                              picks: torch.Tensor | None = None) -> torch.Tensor:
+    """o [b, n, h, d] fp32 of queries q [b, n, h, d] at `positions` [n], over one joint softmax of:
+
+    windows [b, n, d, win]: each query's window rows (slot j = position p - win + 1 + j, masked
+      below position 0), or rows [b, p_last + 1, d]: every row up to the block's last query, causal
+      (the "full" kind);
+    entries [b, t, d] (HCA): compressed entries, entry i visible from position (i + 1) * ratio - 1;
+    picked [b, n, k, d] with picks [b, n, k] (CSA): the rows of the indexer's picks, -1 = none;
+    and the sink (one logit per head, zero value). Plain torch ops, so autograd can follow them
+    (the "full" kind trains through this function; the other kinds through `JointAttention`)."""
+    q = q.float() * scale
+    scores, values = [], []  # segments: scores [b, n, h, k], and how to apply their values
+    if rows is not None:
+        rows = rows.float()
+        z = torch.einsum("bqhd,bkd->bqhk", q, rows)
+        future = torch.arange(rows.size(1), device=q.device)[None, :] > positions[:, None]  # [n, k]
+        scores.append(z.masked_fill_(future[None, :, None], float("-inf")))
+        values.append(("shared", rows))
+    else:
+        windows = windows.float()
+        win = windows.size(-1)
+        z = torch.einsum("bqhd,bqdw->bqhw", q, windows)
+        if int(positions[0]) < win - 1:  # the first queries' windows reach before position 0
+            key_pos = positions[:, None] - win + 1 + torch.arange(win, device=q.device)
+            z.masked_fill_((key_pos < 0)[None, :, None], float("-inf"))
+        scores.append(z)
+        values.append(("window", windows))
+    if entries is not None:
+        entries = entries.float()
+        visible = torch.div(positions + 1, ratio, rounding_mode="floor")  # [n]
+        z = torch.einsum("bqhd,btd->bqht", q, entries)
+        lo = int(visible[0])  # every query of the block sees the entries before this one
+        hidden = torch.arange(lo, entries.size(1), device=q.device) >= visible[:, None]
+        z[..., lo:].masked_fill_(hidden[None, :, None], float("-inf"))
+        scores.append(z)
+        values.append(("shared", entries))
+    if picked is not None:
+        picked = picked.float()
+        z = q @ picked.transpose(-1, -2)  # [b, n, h, k]; bmm beats einsum here
+        scores.append(z.masked_fill_((picks < 0)[:, :, None], float("-inf")))
+        values.append(("picked", picked))
+    probs = sink_softmax(scores, sink)
+    out = 0
+    for p, (how, v) in zip(probs.split([z.size(-1) for z in scores], dim=-1), values, strict=True):
+        if how == "window":
+            out = out + torch.einsum("bqhw,bqdw->bqhd", p, v)
+        elif how == "shared":  # rows shared by the block's queries: one GEMM, no broadcast copy
+            out = out + (p.flatten(1, 2) @ v).view(p.shape[:3] + (-1,))
+        else:
+            out = out + p @ v
+    return out
+
+
+def sink_softmax(segments: list[torch.Tensor], sink: torch.Tensor) -> torch.Tensor:
+    """The joint softmax over the score segments [b, n, h, k_i] side by side, with the sink as one
+    more column, in one fused `torch.softmax`: [b, n, h, sum k_i] fp32 (the sink's column dropped).
+    Every row has a finite score (a query's window holds its own row), so no row is all -inf."""
+    b, n, h = segments[0].shape[:3]
+    sink_column = sink.float()[:, None].expand(b, n, h, 1)
+    probs = torch.softmax(torch.cat((*segments, sink_column), dim=-1), dim=-1)
+    return probs[..., :-1]
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+HAS_CPU_FLASH = _CPU_FLASH is not None
+
+
+@torch.no_grad()
+def full_attention_fused(q: torch.Tensor, rows: torch.Tensor, start: int, sink: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """The "full" kind's inference on torch's fused CPU flash kernel, which also returns the
+    log-sum-exp: over the earlier rows (no mask) and the block's own rows (causal), the two partial
+    softmaxes and the sink then merged:
+        o = sum_i o_i e^(lse_i - m) / (sum_i e^(lse_i - m) + e^(sink - m)).
+    q [b, n, h, d] at positions [start, start + n), rows [b, start + n, d]: o [b, n, h, d] fp32,
+    equal to `joint_attention_inference(..., rows=rows)` (tested)."""
+    b, s, h, d = q.shape
+    qh = q.float().transpose(1, 2)  # [b, h, s, d]
+    parts = []
+    for part, causal in ((rows[:, :start], False), (rows[:, start:], True)):
+        if part.size(1):
+            kv = part.float()[:, None].expand(b, h, part.size(1), d)  # the one KV head, shared
+            parts.append(_CPU_FLASH(qh, kv, kv, 0.0, causal, attn_mask=None, scale=scale)[:2])
+    sink = sink.float()[None, :, None]  # [1, h, 1]
+    m = torch.stack([lse for _, lse in parts]).amax(0).clamp_min(sink)  # [b, h, s]
+    weights = [torch.exp(lse - m) for _, lse in parts]
+    denom = sum(weights) + torch.exp(sink - m)
+    o = sum(part * (w / denom)[..., None] for (part, _), w in zip(parts, weights, strict=True))
+    return o.transpose(1, 2)  # [b, s, h, d] fp32
