@@ -337,10 +337,11 @@ class HybridAttention(nn.Module):
         """The training path (autograd on, or the indexer loss or the dense warm-up asked for): the
         ops whose backward works a query block at a time.
 
-        Queries for the whole chunk (recomputed in backward, `recompute_rows`), the indexer's picks (no gradient: a discrete choice) a block
-        at a time, then `joint_attention` (window + compressed entries + sink) and, for the
-        indexer, `indexer_loss` against the attention's own share of each pick (the teacher).
-        Equal to the blocked inference path, which autograd would have to slice and stitch.
+        Queries for the whole chunk (recomputed in backward, `recompute_rows`), the indexer's
+        picks (no gradient: a discrete choice) a block at a time, then `joint_attention` (window +
+        compressed entries + sink) and, for the indexer, `indexer_loss` against the attention's own
+        share of each pick (the teacher). Equal to the inference path run through autograd, which
+        would have to slice and stitch the blocks.
         dense_csa: attention over every visible entry, and the indexer loss over all of them."""
         b, s = qr.shape[:2]
         win, start = self.cfg.window_size, int(positions[0])
