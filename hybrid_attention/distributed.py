@@ -1,0 +1,247 @@
+"""Context-parallel prefill over torch.distributed: one long prompt split across ranks, layer by layer.
+
+Rank r holds the tokens [p_r, p_{r+1}) of the prompt (`split_points` balances the work, not the
+tokens). A query needs, besides its own chunk's rows: the window rows of the win - 1 tokens before
+it, the compressor's unfinished block (and, with CSA's overlap, the block before that), and every
+compressed entry and indexer key before it. So, for each layer, every rank
+
+1. all-gathers the last `halo_tokens(cfg)` rows of its attention input (the halo): rank r rebuilds
+   from rank r-1's halo the window ring and both compressors' pending rows, exactly as a stream of
+   the earlier tokens would have left them (`state_from_halo`);
+2. pools its own chunk's compressed entries and indexer keys and all-gathers them ("full" layers:
+   their KV rows), keeping those of the ranks before it;
+3. runs the layer on its chunk from that state (`HybridAttention.forward(x, state=...)`, the
+   streaming path, which equals prefill), then the block's MLP.
+
+The last rank's states end up holding the whole prompt, window ring, compressor tails, every
+entry and key, as after a single-process prefill, so decoding continues there. The gathers are
+`torch.distributed.all_gather` (gloo on CPU tensors, NCCL on CUDA tensors); a chunk must be at
+least `halo_tokens` long, so each halo comes from the one rank before.
+
+Communication per layer and rank, in elements (`communication_elements`): the halo, H * dim per
+rank; compressed entries, d per entry (CSA, HCA) plus index_head_dim per indexer key (CSA); a
+"full" layer's KV rows, d per token. Each rank sends its share once and receives every rank's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .attention import HybridAttention
+from .config import AttentionConfig
+from .model import HybridTransformer
+from .modules import linear
+from .state import LayerState
+
+
+def halo_tokens(cfg: AttentionConfig) -> int:
+    """Rows of the previous rank's attention input a rank needs: the window's, and each compressor's
+    unfinished block plus (overlap) the complete block before it."""
+    needs = [cfg.window_size]
+    for layer_id in range(cfg.n_layers):
+        ratio = cfg.compress_ratio(layer_id)
+        if ratio:
+            overlap = cfg.layer_kind(layer_id) == "csa"
+            needs.append((2 if overlap else 1) * ratio)
+    return max(needs)
+
+
+def token_costs(cfg: AttentionConfig) -> tuple[float, float]:
+    """(a, b): the prefill work of the token at position t is about a + b * t multiply-adds summed
+    over layers. a: projections, compressors and the window; b: the CSA indexer, which scores
+    (t + 1) / ratio keys per query and head, and the entries HCA attends to."""
+    d, h, dim = cfg.head_dim, cfg.n_heads, cfg.dim
+    per_layer = dim * cfg.q_lora_rank + cfg.q_lora_rank * h * d + dim * d + h * d * cfg.o_lora_rank \
+        + cfg.o_groups * cfg.o_lora_rank * dim + 2 * h * d * cfg.window_size
+    a = b = 0.0
+    for layer_id in range(cfg.n_layers):
+        a += per_layer
+        kind, ratio = cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
+        if kind == "csa":
+            a += 4 * dim * d + 2 * h * d * cfg.index_topk
+            b += cfg.index_n_heads * cfg.index_head_dim / ratio
+        elif kind == "hca":
+            a += 2 * dim * d
+            b += 2 * h * d / ratio
+        elif kind == "full":
+            b += 2 * h * d
+    return a, b
+
+
+def split_points(seq_len: int, world_size: int, cfg: AttentionConfig) -> list[int]:
+    """[0, p_1, .., seq_len]: chunk boundaries of equal work under `token_costs` (later tokens
+    cost more), each chunk at least `halo_tokens(cfg)` long."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    halo = halo_tokens(cfg)
+    if seq_len < world_size * halo:
+        raise ValueError(f"a prompt of {seq_len} tokens cannot be split over {world_size} ranks: each "
+                         f"chunk needs at least {halo} tokens (the window / compressor halo)")
+    a, b = token_costs(cfg)
+    total = a * seq_len + b * seq_len * seq_len / 2
+
+    def position(work: float) -> int:  # solve a p + b p^2 / 2 = work for p
+        if b == 0:
+            return round(work / a)
+        return round((-a + (a * a + 2 * b * work) ** 0.5) / b)
+
+    points = [0] + [position(total * r / world_size) for r in range(1, world_size)] + [seq_len]
+    for r in range(1, world_size):  # keep every chunk at least a halo long
+        points[r] = min(max(points[r], points[r - 1] + halo), seq_len - (world_size - r) * halo)
+    return points
+
+
+def state_from_halo(layer: HybridAttention, halo: torch.Tensor | None, pos: int,
+                    batch_size: int) -> LayerState:
+    """The layer's streaming state at position `pos` without its compressed entries, indexer keys
+    or "full" KV rows (the gathers add those): the window ring and the compressors' pending rows,
+    rebuilt from halo [b, H, dim], the attention inputs of positions pos - H .. pos - 1 (None at
+    position 0)."""
+    b = batch_size
+    state = layer.new_state(b, layer.wq_a.weight.device)
+    if halo is None or pos == 0:
+        return state
+    freqs = layer._freqs.to(halo.device)
+    first = pos - halo.size(1)
+    if layer.kind != "full":
+        n = min(pos, layer.cfg.window_size)
+        rows = layer._kv_rows(halo[:, -n:], torch.arange(pos - n, pos, device=halo.device), freqs)
+        state.write_window(pos, rows)
+    for compressor, name in ((layer.compressor, "compressor"),
+                             (layer.indexer.compressor if layer.indexer is not None else None,
+                              "index_compressor")):
+        if compressor is None:
+            continue
+        r = compressor.ratio
+        # From the start of the last complete block (overlap) or of the unfinished one, with a
+        # fresh state: the pending rows it leaves are those a whole stream would have left.
+        begin = max(0, (pos // r - (1 if compressor.overlap else 0)) * r)
+        _, pending = compressor(halo[:, begin - first:], begin, compressor.new_state(b, halo.device), freqs,
+                                layer.cfg.quant)
+        setattr(state, name, pending)
+    state.pos = pos
+    return state
+
+
+@dataclass
+class ContextParallelPrefill:
+    """One rank's share of a context-parallel prefill.
+
+    logits [b, s_r, vocab] of this rank's chunk; states: the layers' states after the chunk (on the
+    last rank: after the whole prompt, ready for decoding); points: the chunk boundaries;
+    sent / received: elements this rank put into and took out of the gathers, by layer kind."""
+
+    logits: torch.Tensor
+    states: list[LayerState]
+    points: list[int]
+    rank: int
+    world_size: int
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+
+
+def communication_elements(cfg: AttentionConfig, points: list[int], batch_size: int
+                           ) -> tuple[dict[str, int], dict[str, int]]:
+    """(sent, received) elements per rank and layer kind over the whole prefill, as the gathers move
+    them: every rank sends one [b, n, w] tensor per gather, padded to the longest rank's n, and
+    receives one from every rank. Per layer: the halo (n = H, w = dim); compressed entries (n = the
+    entries a chunk completes, w = head_dim) and, CSA, indexer keys (w = index_head_dim); "full"
+    layers' KV rows (n = the chunk's tokens, w = head_dim)."""
+    world = len(points) - 1
+    sent: dict[str, int] = {}
+    for layer_id in range(cfg.n_layers):
+        kind, ratio = cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
+        gathers = [(halo_tokens(cfg), cfg.dim)]
+        chunks = list(zip(points, points[1:], strict=False))
+        if kind == "full":
+            gathers.append((max(b - a for a, b in chunks), cfg.head_dim))
+        if ratio:
+            entries = max(b // ratio - a // ratio for a, b in chunks)
+            gathers.append((entries, cfg.head_dim))
+            if kind == "csa":
+                gathers.append((entries, cfg.index_head_dim))
+        _count(sent, kind, sum(batch_size * n * w for n, w in gathers))
+    return sent, {kind: world * n for kind, n in sent.items()}
+
+
+def _gather(part: torch.Tensor, lengths: list[int], group, book: ContextParallelPrefill, kind: str
+            ) -> list[torch.Tensor]:
+    """Every rank's [b, n_r, w] rows (n_r = lengths[r]), padded to the longest for all_gather;
+    the elements moved are added to `book`."""
+    longest = max(lengths)
+    padded = part.new_zeros(part.size(0), longest, part.size(2))
+    padded[:, :part.size(1)] = part
+    out = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    _count(book.sent, kind, padded.numel())
+    _count(book.received, kind, sum(t.numel() for t in out))
+    return [t[:, :n] for t, n in zip(out, lengths, strict=True)]
+
+
+def _count(book: dict[str, int], kind: str, elements: int) -> None:
+    book[kind] = book.get(kind, 0) + elements
+
+
+@torch.no_grad()
+def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, group=None,
+                             points: list[int] | None = None) -> ContextParallelPrefill:
+    """Prefill tokens [b, s] (the whole prompt, the same on every rank) split over the ranks of
+    `group` (default: the whole world). See the module docstring."""
+    if not dist.is_initialized():
+        raise RuntimeError("context_parallel_prefill needs torch.distributed initialised "
+                           "(run under torchrun, then dist.init_process_group)")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    cfg = model.cfg.attention
+    s = tokens.size(1)
+    points = split_points(s, world, cfg) if points is None else list(points)
+    if len(points) != world + 1 or points[0] != 0 or points[-1] != s \
+            or any(b - a < halo_tokens(cfg) for a, b in zip(points, points[1:], strict=False)):
+        raise ValueError(f"points must run from 0 to {s} in {world} chunks of at least "
+                         f"{halo_tokens(cfg)} tokens, got {points}")
+    model._check_tokens(tokens, None)
+    lo, hi = points[rank], points[rank + 1]
+    halo = halo_tokens(cfg)
+    result = ContextParallelPrefill(None, [], points, rank, world)
+    x = model.embed(tokens[:, lo:hi])
+    for block in model.layers:
+        layer = block.attn
+        h = block.attn_norm(x)
+        halos = _gather(h[:, -halo:], [halo] * world, group, result, layer.kind)
+        state = state_from_halo(layer, halos[rank - 1] if rank else None, lo, tokens.size(0))
+        own = _own_rows(layer, h, lo, state)
+        for name, rows in own.items():
+            counts = [_rows_in(layer, name, a, b) for a, b in zip(points, points[1:], strict=False)]
+            parts = _gather(rows, counts, group, result, layer.kind)
+            earlier = [t for t in parts[:rank] if t.size(1)]
+            if earlier:
+                getattr(state, name).append(torch.cat(earlier, dim=1))
+        x = x + layer(h, state=state)
+        x = x + block.ffn(block.ffn_norm(x))
+        result.states.append(state)
+    result.logits = linear(model.norm(x), model.head.weight).float()
+    return result
+
+
+def _own_rows(layer: HybridAttention, h: torch.Tensor, start: int, state: LayerState) -> dict:
+    """What this rank's chunk contributes to the later ranks' states: its compressed entries and
+    indexer keys (pooled from `state`'s pending rows on), or a "full" layer's KV rows."""
+    freqs = layer._freqs.to(h.device)
+    if layer.kind == "full":
+        return {"kv": layer._kv_rows(h, torch.arange(start, start + h.size(1), device=h.device), freqs)}
+    rows = {}
+    if layer.compressor is not None:
+        rows["compressed"], _ = layer.compressor(h, start, state.compressor, freqs, layer.cfg.quant)
+    if layer.indexer is not None:
+        rows["index_keys"], _ = layer.indexer.compressor(h, start, state.index_compressor, freqs,
+                                                         layer.cfg.quant)
+    return rows
+
+
+def _rows_in(layer: HybridAttention, name: str, a: int, b: int) -> int:
+    """Rows of kind `name` that the tokens [a, b) complete."""
+    if name == "kv":
+        return b - a
+    return b // layer.ratio - a // layer.ratio

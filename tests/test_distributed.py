@@ -1,0 +1,117 @@
+"""Context-parallel prefill (`hybrid_attention.distributed`) under torchrun with gloo processes:
+every rank's logits, the greedy tokens decoded after it and the final per-layer states equal one
+process's, for split points that cut a compression block, the window and a CSA overlap."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close
+
+from hybrid_attention import HybridTransformer, ModelConfig
+from hybrid_attention.distributed import (
+    communication_elements,
+    halo_tokens,
+    split_points,
+    state_from_halo,
+    token_costs,
+)
+
+WORKER = Path(__file__).with_name("cp_worker.py")
+TINY = ModelConfig.preset("tiny")  # layers csa (ratio 4), hca (8), window, full; window 8
+SEQ, NEW = 61, 6
+
+
+def single_process(new_tokens: int):
+    torch.manual_seed(0)
+    model = HybridTransformer(TINY).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens)
+        states = model.new_states(2)
+        nxt = model(tokens, states)[:, -1].argmax(-1, keepdim=True)
+        generated = []
+        for _ in range(new_tokens):
+            generated.append(nxt)
+            nxt = model(nxt, states)[:, -1].argmax(-1, keepdim=True)
+    return logits, torch.cat(generated, 1), states
+
+
+def run(tmp_path, ranks: int, points: str = ""):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               str(WORKER), str(tmp_path), str(SEQ), str(NEW), points]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+# 27 = 6 * 4 + 3 cuts a CSA block and its overlap, 3 * 8 + 3 an HCA block, and the window of 8.
+@pytest.mark.parametrize("ranks, points", [(2, "0,27,61"), (3, "0,19,42,61"), (2, "")],
+                         ids=["2-cut-blocks", "3-cut-blocks", "2-balanced"])
+def test_context_parallel_prefill_equals_one_process(tmp_path, ranks, points):
+    logits, generated, states = single_process(NEW)
+    results = run(tmp_path, ranks, points)
+    bounds = results[0]["points"]
+    if points:
+        assert bounds == [int(p) for p in points.split(",")]
+    else:
+        assert bounds == split_points(SEQ, ranks, TINY.attention)
+    for r, result in enumerate(results):
+        assert_close(f"rank {r} logits", logits[:, bounds[r]:bounds[r + 1]], result["logits"])
+    last = results[-1]
+    assert torch.equal(last["generated"], generated)
+    for layer_id, (state, saved) in enumerate(zip(states, last["states"], strict=True)):
+        assert saved["pos"] == state.pos == SEQ + NEW  # each generated token was fed back
+        for name in ("window", "kv", "compressed", "index_keys"):
+            value = getattr(state, name)
+            if value is not None:
+                expected = value if isinstance(value, torch.Tensor) else value.view()
+                assert_close(f"layer {layer_id} {name}", expected, saved[name])
+        for name in ("compressor", "index_compressor"):
+            value = getattr(state, name)
+            if value is not None:
+                kv, score = saved[name]
+                assert_close(f"layer {layer_id} {name} kv", value.kv, kv)
+                finite = torch.isfinite(value.score)
+                assert torch.equal(finite, torch.isfinite(score))
+                assert_close(f"layer {layer_id} {name} score", value.score[finite], score[finite])
+    # the elements each rank moved are those of the formula
+    sent, received = communication_elements(TINY.attention, bounds, 2)
+    for result in results:
+        assert result["sent"] == sent and result["received"] == received
+    assert set(sent) == {"csa", "hca", "window", "full"} and sent["full"] > sent["window"]
+
+
+def test_the_halo_rebuilds_the_streamed_state():
+    """state_from_halo at a position that cuts every block: the window ring and both compressors'
+    pending rows equal those a stream of the earlier tokens left."""
+    torch.manual_seed(0)
+    model = HybridTransformer(TINY).eval()
+    h = torch.randn(2, 30, TINY.attention.dim, generator=torch.Generator().manual_seed(2))
+    halo = halo_tokens(TINY.attention)
+    for layer_id in range(3):  # csa, hca, window
+        layer = model.layers[layer_id].attn
+        streamed = layer.new_state(2)
+        with torch.no_grad():
+            layer(h, state=streamed)
+            rebuilt = state_from_halo(layer, h[:, -halo:], 30, 2)
+        assert torch.equal(rebuilt.window, streamed.window)
+        for name in ("compressor", "index_compressor"):
+            if getattr(streamed, name) is not None:
+                assert torch.equal(getattr(rebuilt, name).kv, getattr(streamed, name).kv), name
+                assert torch.equal(getattr(rebuilt, name).score, getattr(streamed, name).score), name
+
+
+def test_split_points_balance_the_work_and_refuse_short_chunks():
+    cfg = ModelConfig.preset("small").attention
+    a, b = token_costs(cfg)
+    points = split_points(262144, 4, cfg)
+    work = [a * (q - p) + b * (q * q - p * p) / 2 for p, q in zip(points, points[1:], strict=False)]
+    assert points[0] == 0 and points[-1] == 262144 and max(work) / min(work) < 1.01
+    assert points[1] - points[0] > points[-1] - points[-2]  # later tokens cost more
+    with pytest.raises(ValueError, match="each chunk needs at least 128 tokens"):
+        split_points(300, 4, cfg)
