@@ -245,3 +245,99 @@ def _rows_in(layer: HybridAttention, name: str, a: int, b: int) -> int:
     if name == "kv":
         return b - a
     return b // layer.ratio - a // layer.ratio
+
+
+def run_generate(args) -> int:
+    """`hybrid-attention generate --context-parallel` under torchrun: the random prompt of a plain
+    `generate` run (same preset, seed and length) prefilled across the ranks, then greedy decoding
+    on the last rank from the states it holds. Prints the split, each rank's prefill time, peak
+    resident memory and the bytes it moved beside `communication_elements`, and the tokens."""
+    import json
+    import os
+    import sys
+    import time
+
+    from .cli import UsageError
+    from .generate import load_checkpoint, model_configs, peak_resident_memory
+    from .planner import human_bytes
+    from .train import init_distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError("--context-parallel splits the prompt over processes: run it under "
+                         "`torchrun --nproc-per-node N` with N >= 2")
+    cfg = model_configs(args)[0][1]
+    if args.prompt_len < int(os.environ["WORLD_SIZE"]) * halo_tokens(cfg.attention):
+        raise UsageError(f"--prompt-len {args.prompt_len} is too short for {os.environ['WORLD_SIZE']} "
+                         f"ranks: each needs at least {halo_tokens(cfg.attention)} tokens")
+    run = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = HybridTransformer(cfg).to(run.device).eval()
+    if args.checkpoint:
+        model.load_state_dict(load_checkpoint(args.checkpoint))
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.stack([torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen)
+                          for _ in range(args.batch)]).to(run.device)
+    dist.barrier()
+    began = time.perf_counter()
+    result = context_parallel_prefill(model, tokens)
+    prefill_s = time.perf_counter() - began
+    mine = {"rank": run.rank, "tokens": result.points[run.rank:run.rank + 2], "prefill_s": prefill_s,
+            "peak_rss_bytes": peak_resident_memory(), "sent": result.sent, "received": result.received}
+    ranks = [None] * run.world
+    dist.all_gather_object(ranks, mine)
+    if run.rank == run.world - 1:
+        generated, decode_s = _decode(model, result, args.new_tokens)
+        element = torch.finfo(model.embed.weight.dtype).bits // 8
+        sent, received = communication_elements(cfg.attention, result.points, args.batch)
+        times = [r["prefill_s"] for r in ranks]
+        report = {"task": "random", "preset": args.preset, "quant": args.quant, "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "batch": args.batch, "seed": args.seed,
+                  "world_size": run.world, "points": result.points, "ranks": ranks,
+                  "slowest_over_fastest": max(times) / min(times),
+                  "formula_elements": {"sent": sent, "received": received}, "element_bytes": element,
+                  "decode_tokens_per_s": args.batch * args.new_tokens / decode_s,
+                  "tokens": generated.tolist()}
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print_report(report, human_bytes)
+        sys.stdout.flush()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+@torch.no_grad()
+def _decode(model: HybridTransformer, result: ContextParallelPrefill, new_tokens: int):
+    """Greedy tokens [b, new_tokens] from the last rank's states, and the seconds it took."""
+    import time
+
+    began = time.perf_counter()
+    nxt = result.logits[:, -1].argmax(-1, keepdim=True)
+    out = []
+    for i in range(new_tokens):
+        out.append(nxt)
+        if i + 1 < new_tokens:
+            nxt = model(nxt, result.states)[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(out, dim=1), max(time.perf_counter() - began, 1e-9)
+
+
+def _print_report(report: dict, human_bytes) -> None:
+    element = report["element_bytes"]
+    print(f"# context-parallel prefill: preset={report['preset']} prompt={report['prompt_len']} "
+          f"batch={report['batch']} ranks={report['world_size']} split={report['points']}")
+    print(f"{'rank':>4} {'tokens':>17} {'prefill s':>10} {'peak RSS':>10} {'sent':>10} {'received':>10}")
+    for r in report["ranks"]:
+        peak = human_bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] is not None else "-"
+        print(f"{r['rank']:>4} {str(r['tokens']):>17} {r['prefill_s']:>10.2f} {peak:>10} "
+              f"{human_bytes(element * sum(r['sent'].values())):>10} "
+              f"{human_bytes(element * sum(r['received'].values())):>10}")
+    formula = report["formula_elements"]
+    print(f"formula per rank: sent {human_bytes(element * sum(formula['sent'].values()))}, received "
+          f"{human_bytes(element * sum(formula['received'].values()))} (by layer kind: "
+          + ", ".join(f"{k} {human_bytes(element * v)}" for k, v in formula["sent"].items()) + " sent)")
+    print(f"slowest / fastest rank: {report['slowest_over_fastest']:.2f}x; decode on the last rank "
+          f"{report['decode_tokens_per_s']:.1f} tokens/s")
+    print(f"tokens: {report['tokens']}")

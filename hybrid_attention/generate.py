@@ -92,6 +92,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object on stdout in place of the report: its figures and "
                              "the generated token ids of each model (the header lines go to stderr).")
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="Under `torchrun --nproc-per-node N`: split the prompt's prefill over the N "
+                             "processes (hybrid_attention.distributed), then decode on the last one; "
+                             "prints each rank's time, peak memory and bytes moved. No baseline.")
 
 
 def fraction(text: str) -> float:
@@ -105,6 +109,10 @@ def fraction(text: str) -> float:
 
 
 def run(args) -> int:
+    if args.context_parallel:
+        from .distributed import run_generate
+
+        return run_generate(args)
     if args.task == "passkey" or (args.checkpoint and Path(args.checkpoint).is_dir()):
         return run_trained(args)
     rows = model_configs(args)

@@ -2,6 +2,7 @@
 every rank's logits, the greedy tokens decoded after it and the final per-layer states equal one
 process's, for split points that cut a compression block, the window and a CSA overlap."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,33 @@ def test_split_points_balance_the_work_and_refuse_short_chunks():
     assert points[1] - points[0] > points[-1] - points[-2]  # later tokens cost more
     with pytest.raises(ValueError, match="each chunk needs at least 128 tokens"):
         split_points(300, 4, cfg)
+
+
+def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, capsys):
+    from hybrid_attention.cli import main
+
+    common = ["generate", "--preset", "tiny", "--prompt-len", "61", "--new-tokens", "5", "--batch", "2",
+              "--json", "--no-progress"]
+    assert main(common + ["--no-baseline"]) == 0
+    single = json.loads(capsys.readouterr().out)["models"][0]["tokens"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "hybrid_attention.cli"] + common + ["--context-parallel"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert report["tokens"] == single
+    assert report["points"] == split_points(61, 2, TINY.attention) and len(report["ranks"]) == 2
+    for rank in report["ranks"]:
+        assert rank["sent"] == report["formula_elements"]["sent"]
+        assert rank["received"] == report["formula_elements"]["received"]
+        assert rank["prefill_s"] > 0 and rank["peak_rss_bytes"] > 0
+
+
+def test_generate_context_parallel_outside_torchrun_is_a_usage_error(capsys, monkeypatch):
+    from hybrid_attention.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "--preset", "tiny", "--prompt-len", "61", "--context-parallel"]) == 2
+    assert "torchrun --nproc-per-node N" in capsys.readouterr().err
