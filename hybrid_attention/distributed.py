@@ -130,8 +130,9 @@ def state_from_halo(layer: HybridAttention, halo: torch.Tensor | None, pos: int,
 class ContextParallelPrefill:
     """One rank's share of a context-parallel prefill.
 
-    logits [b, s_r, vocab] of this rank's chunk; states: the layers' states after the chunk (on the
-    last rank: after the whole prompt, ready for decoding); points: the chunk boundaries;
+    logits [b, s_r, vocab] of this rank's chunk (or of its last token); states: the layers' states
+    after the chunk (on the last rank: after the whole prompt, ready for decoding); points: the
+    chunk boundaries;
     sent / received: elements this rank put into and took out of the gathers, by layer kind."""
 
     logits: torch.Tensor
@@ -187,9 +188,12 @@ def _count(book: dict[str, int], kind: str, elements: int) -> None:
 
 @torch.no_grad()
 def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, group=None,
-                             points: list[int] | None = None) -> ContextParallelPrefill:
+                             points: list[int] | None = None, chunk: int = 4096,
+                             last_logits_only: bool = False) -> ContextParallelPrefill:
     """Prefill tokens [b, s] (the whole prompt, the same on every rank) split over the ranks of
-    `group` (default: the whole world). See the module docstring."""
+    `group` (default: the whole world). See the module docstring. Each rank streams its chunk
+    through a layer `chunk` tokens at a time (the streaming path, equal to one call);
+    `last_logits_only`: the logits of the chunk's last token only ([b, 1, vocab]), for generation."""
     if not dist.is_initialized():
         raise RuntimeError("context_parallel_prefill needs torch.distributed initialised "
                            "(run under torchrun, then dist.init_process_group)")
@@ -202,6 +206,8 @@ def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, gro
         raise ValueError(f"points must run from 0 to {s} in {world} chunks of at least "
                          f"{halo_tokens(cfg)} tokens, got {points}")
     model._check_tokens(tokens, None)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     lo, hi = points[rank], points[rank + 1]
     halo = halo_tokens(cfg)
     result = ContextParallelPrefill(None, [], points, rank, world)
@@ -218,9 +224,14 @@ def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, gro
             earlier = [t for t in parts[:rank] if t.size(1)]
             if earlier:
                 getattr(state, name).append(torch.cat(earlier, dim=1))
-        x = x + layer(h, state=state)
-        x = x + block.ffn(block.ffn_norm(x))
+        for a in range(0, x.size(1), chunk):  # the chunk streamed in pieces: temporaries stay small
+            e = min(x.size(1), a + chunk)
+            x[:, a:e] += layer(h[:, a:e], state=state)
+            x[:, a:e] += block.ffn(block.ffn_norm(x[:, a:e]))
+        del h
         result.states.append(state)
+    if last_logits_only:
+        x = x[:, -1:]
     result.logits = linear(model.norm(x), model.head.weight).float()
     return result
 
@@ -281,7 +292,7 @@ def run_generate(args) -> int:
                           for _ in range(args.batch)]).to(run.device)
     dist.barrier()
     began = time.perf_counter()
-    result = context_parallel_prefill(model, tokens)
+    result = context_parallel_prefill(model, tokens, chunk=args.prefill_chunk, last_logits_only=True)
     prefill_s = time.perf_counter() - began
     mine = {"rank": run.rank, "tokens": result.points[run.rank:run.rank + 2], "prefill_s": prefill_s,
             "peak_rss_bytes": peak_resident_memory(), "sent": result.sent, "received": result.received}

@@ -10,7 +10,7 @@ from hybrid_attention import HybridTransformer, ModelConfig
 from hybrid_attention.distributed import context_parallel_prefill
 
 
-def main(out: str, seq_len: int, new_tokens: int, points: str) -> None:
+def main(out: str, seq_len: int, new_tokens: int, points: str, chunk: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -18,7 +18,7 @@ def main(out: str, seq_len: int, new_tokens: int, points: str) -> None:
     model = HybridTransformer(cfg).eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
     split = [int(p) for p in points.split(",")] if points else None
-    result = context_parallel_prefill(model, tokens, points=split)
+    result = context_parallel_prefill(model, tokens, points=split, chunk=chunk)
     saved = {"logits": result.logits, "points": result.points, "sent": result.sent,
              "received": result.received}
     if rank == world - 1:
@@ -49,4 +49,4 @@ def _state_tensors(state) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

@@ -40,9 +40,9 @@ def single_process(new_tokens: int):
     return logits, torch.cat(generated, 1), states
 
 
-def run(tmp_path, ranks: int, points: str = ""):
+def run(tmp_path, ranks: int, points: str, chunk: int):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               str(WORKER), str(tmp_path), str(SEQ), str(NEW), points]
+               str(WORKER), str(tmp_path), str(SEQ), str(NEW), points, str(chunk)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -51,11 +51,11 @@ def run(tmp_path, ranks: int, points: str = ""):
 
 
 # 27 = 6 * 4 + 3 cuts a CSA block and its overlap, 3 * 8 + 3 an HCA block, and the window of 8.
-@pytest.mark.parametrize("ranks, points", [(2, "0,27,61"), (3, "0,19,42,61"), (2, "")],
-                         ids=["2-cut-blocks", "3-cut-blocks", "2-balanced"])
-def test_context_parallel_prefill_equals_one_process(tmp_path, ranks, points):
+@pytest.mark.parametrize("ranks, points, chunk", [(2, "0,27,61", 4096), (3, "0,19,42,61", 5), (2, "", 4096)],
+                         ids=["2-cut-blocks", "3-cut-blocks-pieces-of-5", "2-balanced"])
+def test_context_parallel_prefill_equals_one_process(tmp_path, ranks, points, chunk):
     logits, generated, states = single_process(NEW)
-    results = run(tmp_path, ranks, points)
+    results = run(tmp_path, ranks, points, chunk)
     bounds = results[0]["points"]
     if points:
         assert bounds == [int(p) for p in points.split(",")]
