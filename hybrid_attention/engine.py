@@ -165,6 +165,38 @@ class Engine:
             raise ValueError(f"cannot write {path}: the folder {Path(path).parent} does not exist")
         with self._exclusive("save_context"):
             processed = self._process(prompt)
+        return self._write_context(prompt, processed, path)
+
+    def save_states(self, prompt_tokens: Sequence[int], logits: torch.Tensor, states: list,
+                    path: str | Path, row: int = 0) -> dict:
+        """Write a context file for a prompt processed elsewhere (e.g. by
+        `distributed.context_parallel_prefill`): `states` are the model's per-layer `LayerState`s
+        after the prompt (sequence `row` of their batch), `logits` [vocab] those of its last
+        token. The rows go through this engine's cache (its FP8 / FP4 storage), so
+        `generate(..., context=path)` continues as after its own prefill of the prompt."""
+        prompt, problem = _token_ids(prompt_tokens, self.cfg.vocab_size)
+        if problem is None and (not prompt or len(prompt) >= self.max_seq_len):
+            problem = f"a context holds 1 to {self.max_seq_len - 1} tokens, got {len(prompt)}"
+        if problem is None and (len(states) != len(self.model.layers)
+                                or any(state.pos != len(prompt) for state in states)):
+            problem = (f"states must be the model's {len(self.model.layers)} layer states after the "
+                       f"prompt's {len(prompt)} tokens")
+        if problem is None and tuple(logits.shape) != (self.cfg.vocab_size,):
+            problem = f"logits must be [{self.cfg.vocab_size}], got {tuple(logits.shape)}"
+        if problem:
+            raise ValueError(problem)
+        with self._exclusive("save_states"):
+            seq_id = self.cache.allocate(len(prompt))
+            try:
+                paged = self.cache.states(seq_id)
+                for target, state in zip(paged, states, strict=True):
+                    _copy_state(target, state, row)
+                processed = {"logits": logits, "layers": [state.snapshot() for state in paged]}
+            finally:
+                self.cache.free(seq_id)
+        return self._write_context(prompt, processed, path)
+
+    def _write_context(self, prompt: list[int], processed: dict, path: str | Path) -> dict:
         arrays = [torch.tensor(prompt, dtype=torch.int64), processed["logits"].float()]
         layout = self.cache.snapshot_layout(len(prompt))
         for parts, snapshot in zip(layout, processed["layers"], strict=True):
@@ -401,6 +433,24 @@ class Engine:
                   for i, parts in enumerate(shapes)]
         return {"tokens": tokens, "prompt": arrays["prompt"].tolist(), "logits": arrays["logits"],
                 "layers": layers}
+
+
+def _copy_state(target, state, row: int) -> None:
+    """Sequence `row` of a plain `LayerState` into an empty paged state of the same layer."""
+    if state.kv is not None:
+        target.kv.append(state.kv.view()[row:row + 1])
+    else:
+        count = min(state.pos, state.window.size(1))
+        target.pos = state.pos
+        target.write_window(state.pos, state.window_rows(count)[row:row + 1])
+    for name in ("compressed", "index_keys"):
+        if getattr(state, name) is not None:
+            getattr(target, name).append(getattr(state, name).view()[row:row + 1])
+    for name in ("compressor", "index_compressor"):
+        tail = getattr(state, name)
+        if tail is not None:
+            setattr(target, name, type(tail)(tail.kv[row:row + 1], tail.score[row:row + 1]))
+    target.pos = state.pos
 
 
 # Arguments ------------------------------------------------------------------------------------

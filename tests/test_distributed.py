@@ -118,11 +118,13 @@ def test_split_points_balance_the_work_and_refuse_short_chunks():
         split_points(300, 4, cfg)
 
 
-def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, capsys):
+@pytest.mark.parametrize("quant, length", [("none", 61), ("official", 75)])
+def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, capsys, quant, length):
+    """Through the last rank's engine (its paged FP8 / FP4 cache with --quant official)."""
     from hybrid_attention.cli import main
 
-    common = ["generate", "--preset", "tiny", "--prompt-len", "61", "--new-tokens", "5", "--batch", "2",
-              "--json", "--no-progress"]
+    common = ["generate", "--preset", "tiny", "--prompt-len", str(length), "--new-tokens", "5",
+              "--batch", "2", "--quant", quant, "--json", "--no-progress"]
     assert main(common + ["--no-baseline"]) == 0
     single = json.loads(capsys.readouterr().out)["models"][0]["tokens"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -133,7 +135,7 @@ def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, cap
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout)
     assert report["tokens"] == single
-    assert report["points"] == split_points(61, 2, TINY.attention) and len(report["ranks"]) == 2
+    assert report["points"] == split_points(length, 2, TINY.attention) and len(report["ranks"]) == 2
     for rank in report["ranks"]:
         assert rank["sent"] == report["formula_elements"]["sent"]
         assert rank["received"] == report["formula_elements"]["received"]
@@ -146,3 +148,25 @@ def test_generate_context_parallel_outside_torchrun_is_a_usage_error(capsys, mon
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["generate", "--preset", "tiny", "--prompt-len", "61", "--context-parallel"]) == 2
     assert "torchrun --nproc-per-node N" in capsys.readouterr().err
+
+
+def test_engine_continues_from_states_computed_elsewhere(tmp_path):
+    """Engine.save_states: a plain streaming prefill's states, through a context file into the
+    engine's paged cache, decode as the engine's own prefill does; bad states write nothing."""
+    from hybrid_attention.engine import Engine
+
+    torch.manual_seed(0)
+    model = HybridTransformer(TINY).eval()
+    prompt = torch.randint(0, TINY.vocab_size, (45,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine = Engine(model, cache_bytes=64 << 20, max_batch=1)
+    direct = engine.generate([prompt], 6)[0].tokens
+    with torch.no_grad():
+        states = model.new_states(2)  # row 1 holds the prompt
+        batch = torch.tensor([prompt[::-1], prompt])
+        logits = model(batch, states)
+    path = tmp_path / "ctx.bin"
+    engine.save_states(prompt, logits[1, -1], states, path, row=1)
+    assert engine.generate([[]], 6, context=path)[0].tokens == direct  # nothing after the context
+    with pytest.raises(ValueError, match="layer states after the prompt's 44 tokens"):
+        engine.save_states(prompt[:-1], logits[1, -1], states, tmp_path / "bad.bin", row=1)
+    assert not (tmp_path / "bad.bin").exists()
