@@ -21,7 +21,10 @@ CASES = [
 ]
 
 
-def make_inputs(b, s, start, h, d, window, ratio, mode, topk, dtype=torch.float32, seed=0):
+def make_inputs(b, s, start, h, d, window, ratio, mode, topk, dtype=torch.float32, seed=0, drop=0.0):
+    """q, kv (min(start, window - 1) rows of context, then the chunk's), sink, compressed, picks:
+    top-k of random scores over the visible entries, -1 where fewer are visible, and a `drop`
+    share of the rest set to -1 too."""
     gen = torch.Generator().manual_seed(seed)
     context = min(start, window - 1)
     q = torch.randn(b, s, h, d, generator=gen).to(dtype)
@@ -37,7 +40,8 @@ def make_inputs(b, s, start, h, d, window, ratio, mode, topk, dtype=torch.float3
         scores = scores.masked_fill(torch.arange(n) >= visible[:, None], -1.0)
         k = min(topk, n)
         picks = scores.topk(k, dim=-1).indices
-        picks = picks.masked_fill(picks >= visible[:, None], -1)  # too few visible entries: holes
+        dropped = torch.rand(picks.shape, generator=gen) < drop
+        picks = picks.masked_fill((picks >= visible[:, None]) | dropped, -1)  # holes
     return q, kv, sink, compressed, picks
 
 

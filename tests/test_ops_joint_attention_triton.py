@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
 
 import pytest
+import test_ops_joint_attention as torch_cases
 import torch
 import triton  # noqa: E402,F401  (a dev dependency: `make test` installs it; these tests must run)
 from conftest import TOLERANCE, assert_close
@@ -14,18 +15,10 @@ from conftest import TOLERANCE, assert_close
 from hybrid_attention.ops.joint_attention import cpu
 from hybrid_attention.ops.joint_attention import triton as kernels
 
-# (batch, seq, start, heads, dim, window, ratio, mode, top-k)
-CASES = [
-    pytest.param(2, 37, 0, 3, 16, 8, 0, "window", 0, id="B2-T37-window"),
-    pytest.param(1, 40, 13, 2, 16, 8, 0, "window", 0, id="B1-T40-from13-window"),
-    pytest.param(2, 37, 0, 2, 16, 8, 8, "dense", 0, id="B2-T37-hca-r8"),
-    pytest.param(2, 30, 21, 4, 16, 8, 8, "dense", 0, id="B2-T30-from21-hca-r8"),
-    pytest.param(2, 29, 3, 2, 16, 8, 4, "dense", 0, id="B2-T29-from3-dense-csa"),
-    pytest.param(2, 41, 0, 3, 16, 8, 4, "picks", 5, id="B2-T41-csa-r4-topk5"),
-    pytest.param(1, 23, 50, 2, 32, 8, 4, "picks", 6, id="B1-T23-from50-csa-topk6"),
-    pytest.param(2, 6, 0, 2, 16, 8, 8, "dense", 0, id="B2-T6-hca-no-entries-yet"),
-    pytest.param(1, 3, 0, 2, 16, 8, 4, "picks", 5, id="B1-T3-csa-no-entries-yet"),
-]
+# The torch backend's cases, and chunks with no entries yet.
+CASES = [*torch_cases.CASES,
+         pytest.param(2, 6, 0, 2, 16, 8, 8, "dense", 0, id="B2-T6-hca-no-entries-yet"),
+         pytest.param(1, 3, 0, 2, 16, 8, 4, "picks", 5, id="B1-T3-csa-no-entries-yet")]
 
 
 @pytest.fixture(autouse=True)
@@ -34,27 +27,9 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)
 
 
-def make_inputs(b, s, start, h, d, window, ratio, mode, topk, dtype=torch.float32, seed=0):
-    """q, kv (min(start, window - 1) rows of context, then the chunk's), sink, compressed, picks.
-
-    picks: top-k of random scores over the visible entries, -1 where fewer are visible, and about
-    a fifth of the rest dropped to -1 too."""
-    gen = torch.Generator().manual_seed(seed)
-    context = min(start, window - 1)
-    q = torch.randn(b, s, h, d, generator=gen).to(dtype)
-    kv = torch.randn(b, context + s, d, generator=gen).to(dtype)
-    sink = torch.randn(h, generator=gen)
-    compressed = picks = None
-    if mode != "window":
-        n = (start + s) // ratio
-        compressed = torch.randn(b, n, d, generator=gen).to(dtype)
-    if mode == "picks":
-        visible = torch.div(start + torch.arange(s) + 1, ratio, rounding_mode="floor")[:, None]
-        scores = torch.rand(b, s, n, generator=gen).masked_fill(torch.arange(n) >= visible, -1.0)
-        picks = scores.topk(min(topk, n), dim=-1).indices
-        dropped = torch.rand(picks.shape, generator=gen) < 0.2
-        picks = picks.masked_fill((picks >= visible) | dropped, -1)
-    return q, kv, sink, compressed, picks
+def make_inputs(*case, dtype=torch.float32, seed=0):
+    """The torch backend tests' inputs, with a fifth of the picks dropped to -1."""
+    return torch_cases.make_inputs(*case, dtype=dtype, seed=seed, drop=0.2)
 
 
 def run(fn, inputs, window, start, ratio, grad_out):
