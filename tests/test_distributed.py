@@ -124,7 +124,7 @@ def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, cap
     from hybrid_attention.cli import main
 
     common = ["generate", "--preset", "tiny", "--prompt-len", str(length), "--new-tokens", "5",
-              "--batch", "2", "--quant", quant, "--json", "--no-progress"]
+              "--batch", "2", "--quant", quant, "--cache-gib", "0.0625", "--json", "--no-progress"]
     assert main(common + ["--no-baseline"]) == 0
     single = json.loads(capsys.readouterr().out)["models"][0]["tokens"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
