@@ -441,7 +441,6 @@ def _copy_state(target, state, row: int) -> None:
         target.kv.append(state.kv.view()[row:row + 1])
     else:
         count = min(state.pos, state.window.size(1))
-        target.pos = state.pos
         target.write_window(state.pos, state.window_rows(count)[row:row + 1])
     for name in ("compressed", "index_keys"):
         if getattr(state, name) is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
@@ -121,7 +123,9 @@ class _RecomputedRows(torch.autograd.Function):
         for a in range(0, rows.size(1), RECOMPUTE_ROWS):
             e = min(rows.size(1), a + RECOMPUTE_ROWS)
             piece = rows[:, a:e].detach().requires_grad_(d_rows is not None)
-            with torch.enable_grad(), _autocast_as(ctx.autocast):
+            with torch.enable_grad(), ExitStack() as stack:
+                for device, enabled, dtype in ctx.autocast:  # the autocast state of the forward
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
                 out = ctx.function(piece, positions[a:e], freqs)
             inputs = ([piece] if d_rows is not None else []) + wanted
             grads = torch.autograd.grad(out, inputs, grad[:, a:e], allow_unused=True)
@@ -134,18 +138,3 @@ class _RecomputedRows(torch.autograd.Function):
         it = iter(d_params)
         return (None, d_rows, None, None, *(next(it) if p.requires_grad else None for p in params))
 
-
-class _autocast_as:
-    """Re-enter the autocast state a forward ran under (per device type)."""
-
-    def __init__(self, states) -> None:
-        self.contexts = [torch.autocast(device, dtype=dtype, enabled=enabled)
-                         for device, enabled, dtype in states]
-
-    def __enter__(self) -> None:
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
