@@ -27,7 +27,7 @@ from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_d
 from .compressor import Compressor
 from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, index_scores, select_entries
-from .modules import Linear, RMSNorm, head_rms_normalize, recompute_rows
+from .modules import Linear, RMSNorm, head_rms_normalize, recompute_pieces
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
@@ -164,7 +164,6 @@ class HybridAttention(nn.Module):
         positions = torch.arange(start, start + s, device=x.device)
         freqs = self._freqs.to(x.device)
 
-        qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]; queries are finished a block at a time
         kv = self._kv_rows(x, positions, freqs)
         if self.kind == "full":
             keys = work.kv.with_appended(kv)  # [b, start + s, d]
@@ -188,16 +187,17 @@ class HybridAttention(nn.Module):
             index_keys = work.index_keys.with_appended(new_keys)
             head_weights = self.indexer.head_weights(x.detach())  # [b, s, hi]
 
-        if kernels:
-            y, aux = self._attend_indexed(qr, keys, context, positions, freqs, compressed, index_keys,
-                                          head_weights)
-        elif self.kind != "full" and (return_aux or dense_csa
-                                      or (torch.is_grad_enabled() and qr.requires_grad)):
-            y, aux = self._attend_train(qr, keys, positions, freqs, compressed, index_keys, head_weights,
+        # The training path: the indexer loss, the dense warm-up, or anything autograd tracks.
+        train = self.kind != "full" and not kernels and (
+            return_aux or dense_csa or (torch.is_grad_enabled() and (
+                x.requires_grad or self.wq_a.weight.requires_grad or self.q_norm.weight.requires_grad)))
+        if train:
+            y, aux = self._attend_train(x, keys, positions, freqs, compressed, index_keys, head_weights,
                                         return_aux, dense_csa)
         else:
-            y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys,
-                                  head_weights)
+            qr = self.q_norm(self.wq_a(x))  # [b, s, q_lora]; queries are finished a block at a time
+            attend = self._attend_indexed if kernels else self._attend
+            y, aux = attend(qr, keys, context, positions, freqs, compressed, index_keys, head_weights)
             if return_aux:  # "full": no compressed entries, so no indexer loss
                 aux["indexer_loss"] = qr.new_zeros((), dtype=torch.float32)
         if state is not None:
@@ -332,43 +332,63 @@ class HybridAttention(nn.Module):
         return joint_attention_inference(q, pos, self.attn_sink, self.scale, windows=windows, entries=entries,
                                          ratio=self.ratio, picked=picked, picks=picks)
 
-    def _attend_train(self, qr, keys, positions, freqs, compressed, index_keys, head_weights, return_aux,
+    def _attend_train(self, x, keys, positions, freqs, compressed, index_keys, head_weights, return_aux,
                       dense_csa):
-        """The training path (autograd on, or the indexer loss or the dense warm-up asked for): the
-        ops whose backward works a query block at a time.
+        """The training path (autograd on, or the indexer loss or the dense warm-up asked for).
 
-        Queries for the whole chunk (recomputed in backward, `recompute_rows`), the indexer's
-        picks (no gradient: a discrete choice) a block at a time, then `joint_attention` (window +
-        compressed entries + sink) and, for the indexer, `indexer_loss` against the attention's own
-        share of each pick (the teacher). Equal to the inference path run through autograd, which
-        would have to slice and stitch the blocks.
+        First the indexer's picks (no gradient: a discrete choice) a query block at a time; then
+        the query side - query path, `joint_attention` (window + compressed entries + sink), the
+        indexer loss against the attention's own share of each pick (the teacher), de-rotation and
+        output projection - `RECOMPUTE_ROWS` tokens at a time through `recompute_pieces`, which
+        keeps only the inputs and recomputes each piece in backward. So no [s, heads, head_dim]
+        tensor (queries, attention output, their gradients) exists at full length. Equal to the
+        inference path run through autograd.
         dense_csa: attention over every visible entry, and the indexer loss over all of them."""
-        b, s = qr.shape[:2]
+        b, s = x.shape[:2]
         win, start = self.cfg.window_size, int(positions[0])
-        q = recompute_rows(self._queries, qr, positions, freqs, [self.wq_b.weight])  # [b, s, h, d]
         entries = _dense(compressed) if compressed is not None else None
-        qi = picks = None
-        if self.kind == "csa" and (return_aux or not dense_csa):  # for the picks or the loss
-            qi = recompute_rows(self.indexer.queries, qr.detach(), positions, freqs,
-                                [self.indexer.wq_b.weight])  # [b, s, hi, di]
+        picks = None
         if self.kind == "csa" and dense_csa:
             if return_aux:  # the loss's "picks": every entry, -1 where a query cannot see it yet
-                entry = torch.arange(entries.size(1), device=qr.device)
+                entry = torch.arange(entries.size(1), device=x.device)
                 visible = visible_entries(positions, self.ratio)[:, None]
                 picks = torch.where(entry < visible, entry, -1).expand(b, s, -1)
         elif self.kind == "csa":
-            picks = qr.new_full((b, s, min(self.cfg.index_topk, entries.size(1))), -1, dtype=torch.long)
+            picks = x.new_full((b, s, min(self.cfg.index_topk, entries.size(1))), -1, dtype=torch.long)
             block = self.cfg.query_block_size
-            for a in range(0, s, block):
-                e = min(s, a + block)
-                chosen = self._pick_entries(qi[:, a:e], head_weights[:, a:e], index_keys, positions[a:e])
-                picks[:, a:e, :chosen.size(-1)] = chosen
-        o, teacher = joint_attention(q, keys, self.attn_sink, self.scale, win, start, entries, self.ratio,
-                                     None if dense_csa else picks,
-                                     want_teacher=return_aux and picks is not None, backend=self.backend)
-        # wo_b's GEMM, the largest, runs outside the recomputed piece (its input z is kept).
-        z = recompute_rows(self._derotated_grouped_output, o, positions, freqs, [self.wo_a.weight])
-        y = self.wo_b(z.flatten(2))
+            with torch.no_grad():
+                for a in range(0, s, block):
+                    e = min(s, a + block)
+                    qi = self.indexer.queries(self.q_norm(self.wq_a(x[:, a:e])), positions[a:e], freqs)
+                    chosen = self._pick_entries(qi, head_weights[:, a:e], index_keys, positions[a:e])
+                    picks[:, a:e, :chosen.size(-1)] = chosen
+        want_loss = return_aux and picks is not None
+        context = keys.size(1) - s  # rows before the chunk
+
+        def query_side(a, e, rows, shared):
+            x_piece, weights = rows
+            kv, entries, index_keys = shared
+            pos = positions[a:e]
+            qr = self.q_norm(self.wq_a(x_piece))
+            q = self._queries(qr, pos, freqs)
+            lo = context + a - min(start + a, win - 1)  # the piece's window rows before it
+            chosen = picks[:, a:e] if picks is not None else None
+            o, teacher = joint_attention(q, kv[:, lo:context + e], self.attn_sink, self.scale, win, start + a,
+                                         entries, self.ratio, None if dense_csa else chosen,
+                                         want_teacher=want_loss, backend=self.backend)
+            y = self.wo_b(self._derotated_grouped_output(o, pos, freqs).flatten(2))
+            if not want_loss:
+                return y, None
+            qi = self.indexer.queries(qr.detach(), pos, freqs)
+            total, count = indexer_loss(qi, weights, index_keys, chosen.contiguous(), teacher)
+            return y, torch.stack((total.float(), count.float()))
+
+        params = [p for module in (self.wq_a, self.q_norm, self.wq_b, self.wo_a, self.wo_b)
+                  for p in module.parameters()] + [self.attn_sink]
+        if want_loss:
+            params += list(self.indexer.wq_b.parameters())
+        y, sums = recompute_pieces(query_side, [x, head_weights if want_loss else None],
+                                   [keys, entries, index_keys if want_loss else None], params)
         attended = float((positions + 1).clamp_max(win).sum()) * b
         if self.kind == "csa" and not dense_csa:
             attended += float((picks >= 0).sum())
@@ -376,13 +396,12 @@ class HybridAttention(nn.Module):
             attended += float(visible_entries(positions, self.ratio).sum()) * b
         aux = {"attended_keys": attended / (b * s)}
         if return_aux:
-            if picks is not None:
-                total, count = indexer_loss(qi, head_weights, index_keys, picks.contiguous(), teacher)
-                aux["indexer_loss"] = total / count.clamp_min(1)
+            if want_loss:
+                aux["indexer_loss"] = sums[0] / sums[1].clamp_min(1)
                 if not dense_csa:
                     aux["picks"] = picks
             else:
-                aux["indexer_loss"] = qr.new_zeros((), dtype=torch.float32)
+                aux["indexer_loss"] = x.new_zeros((), dtype=torch.float32)
         return y, aux
 
     def _pick_entries(self, qi, head_weights, index_keys, pos):

@@ -79,62 +79,98 @@ def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
     return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
 
-# Tokens per piece of `recompute_rows`: 8 MB per [piece, 1024] fp32 temporary.
+# Tokens per piece of `recompute_pieces`: 8 MB per [piece, 1024] fp32 temporary.
 RECOMPUTE_ROWS = 2048
 
 
-def recompute_rows(function, rows: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
-                   params: list[nn.Parameter]) -> torch.Tensor:
-    """function(rows, positions, freqs) computed RECOMPUTE_ROWS tokens (axis 1) at a time, keeping
-    for backward only its inputs: backward runs each piece again and differentiates it there.
+def recompute_pieces(function, rows: list[torch.Tensor | None], shared: list, params: list[nn.Parameter],
+                     piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """function(a, e, rows_piece, shared) over pieces [a, e) of `piece` tokens (axis 1 of `rows`),
+    keeping for backward only its inputs: backward runs each piece again and differentiates it
+    there (activation checkpointing, one piece at a time).
 
-    For the token-wise paths between a GEMM and the attention op (the query path's RMS and RoPE,
-    the de-rotation and grouped output projection): with autograd's own bookkeeping, their
-    [s, h * d] intermediates and the gradients of each would all be alive in backward; here at
-    most one piece's are. `params` are the parameters `function` uses (their gradients are summed
-    over the pieces). The pieces are written into one output, so nothing is held twice."""
-    if not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in params))):
-        return function(rows, positions, freqs)
-    return _RecomputedRows.apply(function, rows, positions, freqs, *params)
+    function returns (out [b, e - a, ...], sums): the piece's rows of the output, and a 1-D tensor
+    of quantities that add up over pieces (a loss summed over its queries, a count), or None.
+    rows: tensors [b, s, ...] cut into pieces (None stays None); shared: what every piece reads
+    whole (tensors get gradients summed over pieces; anything else is passed as is); params: the
+    parameters `function` uses (their gradients are summed over the pieces).
+
+    For the query side of a layer (projections, attention, output projection): with autograd's own
+    bookkeeping every [s, heads * head_dim] intermediate and the gradients of each would be alive
+    in backward; here at most one piece's are. The forward's autocast state is replayed in backward.
+    Returns (out [b, s, ...], the sums over pieces)."""
+    piece = piece or RECOMPUTE_ROWS
+    tensors = [t for t in (*rows, *shared) if isinstance(t, torch.Tensor)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *params))):
+        return _run_pieces(function, rows, shared, piece)
+    return _RecomputedPieces.apply(function, piece, len(rows), len(shared), *rows, *shared, *params)
 
 
-class _RecomputedRows(torch.autograd.Function):
+def _run_pieces(function, rows, shared, piece):
+    s = next(t.size(1) for t in rows if t is not None)
+    out = sums = None
+    for a in range(0, s, piece):
+        e = min(s, a + piece)
+        y, extra = function(a, e, [None if t is None else t[:, a:e] for t in rows], shared)
+        if out is None:
+            out = y.new_empty(y.size(0), s, *y.shape[2:])
+        out[:, a:e] = y
+        if extra is not None:
+            sums = extra if sums is None else sums + extra
+    return out, sums if sums is not None else out.new_zeros(0, dtype=torch.float32)
+
+
+class _RecomputedPieces(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, function, rows, positions, freqs, *params):
-        ctx.function = function
+    def forward(ctx, function, piece, n_rows, n_shared, *inputs):
+        ctx.function, ctx.piece, ctx.n_rows, ctx.n_shared = function, piece, n_rows, n_shared
         ctx.autocast = [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
                         for device in ("cpu", "cuda")]
-        ctx.save_for_backward(rows, positions, freqs, *params)
-        out = None
-        for a in range(0, rows.size(1), RECOMPUTE_ROWS):
-            e = min(rows.size(1), a + RECOMPUTE_ROWS)
-            piece = function(rows[:, a:e], positions[a:e], freqs)
-            if out is None:
-                out = piece.new_empty(rows.size(0), rows.size(1), *piece.shape[2:])
-            out[:, a:e] = piece
-        return out
+        # Tensors go through save_for_backward (autograd checks they are not modified in place);
+        # the rest of `shared` (None, a paged view) is kept on ctx.
+        ctx.kinds = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.others = [t for t in inputs if not isinstance(t, torch.Tensor)]
+        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+        rows, shared = list(inputs[:n_rows]), list(inputs[n_rows:n_rows + n_shared])
+        return _run_pieces(function, rows, shared, piece)
 
     @staticmethod
-    def backward(ctx, grad):
-        rows, positions, freqs, *params = ctx.saved_tensors
-        wanted = [p for p in params if p.requires_grad]
-        d_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
-        d_params = [torch.zeros_like(p) for p in wanted]
-        for a in range(0, rows.size(1), RECOMPUTE_ROWS):
-            e = min(rows.size(1), a + RECOMPUTE_ROWS)
-            piece = rows[:, a:e].detach().requires_grad_(d_rows is not None)
+    def backward(ctx, grad_out, grad_sums):
+        saved, others = iter(ctx.saved_tensors), iter(ctx.others)
+        inputs = [next(saved) if kind else next(others) for kind in ctx.kinds]
+        n_rows, n_shared = ctx.n_rows, ctx.n_shared
+        rows, shared, params = inputs[:n_rows], inputs[n_rows:n_rows + n_shared], inputs[n_rows + n_shared:]
+        wanted = [i for i, t in enumerate(inputs)  # 4: function, piece, n_rows, n_shared
+                  if isinstance(t, torch.Tensor) and ctx.needs_input_grad[4 + i]]
+        grads = [None] * len(inputs)
+        for i in wanted:
+            grads[i] = torch.zeros_like(inputs[i])
+        # The shared tensors as leaves of every piece's graph, the parameters as themselves.
+        leaves = list(shared)
+        for j, t in enumerate(shared):
+            if n_rows + j in wanted:
+                leaves[j] = t.detach().requires_grad_()
+        s = next(t.size(1) for t in rows if t is not None)
+        for a in range(0, s, ctx.piece):
+            e = min(s, a + ctx.piece)
+            pieces = [None if t is None else t[:, a:e].detach().requires_grad_(i in wanted)
+                      for i, t in enumerate(rows)]
             with torch.enable_grad(), ExitStack() as stack:
                 for device, enabled, dtype in ctx.autocast:  # the autocast state of the forward
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-                out = ctx.function(piece, positions[a:e], freqs)
-            inputs = ([piece] if d_rows is not None else []) + wanted
-            grads = torch.autograd.grad(out, inputs, grad[:, a:e], allow_unused=True)
-            if d_rows is not None:
-                d_rows[:, a:e] = grads[0]
-                grads = grads[1:]
-            for total, g in zip(d_params, grads, strict=True):
-                if g is not None:
-                    total += g
-        it = iter(d_params)
-        return (None, d_rows, None, None, *(next(it) if p.requires_grad else None for p in params))
-
+                y, extra = ctx.function(a, e, pieces, leaves)
+            # Either output may lack a graph (only the indexer trains: y has none).
+            outputs = [(t, g) for t, g in ((y, grad_out[:, a:e]), (extra, grad_sums))
+                       if t is not None and t.requires_grad]
+            if not outputs:
+                continue
+            sources = [pieces[i] if i < n_rows else leaves[i - n_rows] if i < n_rows + n_shared else
+                       params[i - n_rows - n_shared] for i in wanted]
+            found = torch.autograd.grad([t for t, _ in outputs], sources, [g for _, g in outputs],
+                                        allow_unused=True)
+            for i, g in zip(wanted, found, strict=True):
+                if g is not None and i < n_rows:
+                    grads[i][:, a:e] = g
+                elif g is not None:
+                    grads[i] += g
+        return (None, None, None, None, *grads)

@@ -23,6 +23,13 @@ def reference_ops(q, kv, sink, scale, window_size, start, compressed, ratio, pic
     return joint_attention_reference(q, kv, sink, scale, window_size, start, compressed, ratio, picks)
 
 
+def whole(function, rows, shared, params, piece=None):
+    """`recompute_pieces` as one piece through plain autograd (nothing recomputed)."""
+    s = next(t.size(1) for t in rows if t is not None)
+    y, sums = function(0, s, rows, shared)
+    return y, sums if sums is not None else y.new_zeros(0)
+
+
 def step(layer, x, prefix, dense_csa, dtype=torch.float32):
     """Loss <y, g> + indexer loss of a chunk x after `prefix` (streamed without gradients)."""
     layer.zero_grad(set_to_none=True)
@@ -63,6 +70,7 @@ def test_training_path_equals_the_reference_ops_and_the_inference_path(kind, s, 
     with monkeypatch.context() as patch:
         patch.setattr(attention, "joint_attention", reference_ops)
         patch.setattr(attention, "indexer_loss", indexer_loss_reference)
+        patch.setattr(attention, "recompute_pieces", whole)
         oracle = step(layer, x, prefix, dense)
     assert_close("y", oracle[0], fast[0])
     assert_close("indexer loss", oracle[1], fast[1])
@@ -86,7 +94,8 @@ def test_training_path_equals_the_reference_ops_and_the_inference_path(kind, s, 
                                           for n, g in fast[3].items())
 
 
-def blocked_inference_path(self, qr, keys, positions, freqs, compressed, index_keys, head_weights, *_):
+def blocked_inference_path(self, x, keys, positions, freqs, compressed, index_keys, head_weights, *_):
+    qr = self.q_norm(self.wq_a(x))
     context = keys.size(1) - qr.size(1)  # rows before the chunk's own
     y, aux = self._attend(qr, keys, context, positions, freqs, compressed, index_keys, head_weights)
     return y, {**aux, "indexer_loss": qr.new_zeros(())}
@@ -177,42 +186,73 @@ def test_activation_checkpointing_gives_the_same_gradients(kind):
 
 @pytest.mark.parametrize("rows_grad", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recomputed_rows_equal_plain_autograd_and_keep_only_their_inputs(rows_grad, autocast):
-    """`recompute_rows`: the same output and gradients (of the rows and of the parameters, summed
-    over pieces) as autograd through the function itself; only the inputs are saved."""
+def test_recomputed_pieces_equal_plain_autograd_and_keep_only_their_inputs(rows_grad, autocast):
+    """`recompute_pieces`: the same output, sums and gradients (of the rows, of the shared tensors
+    and of the parameters, summed over pieces) as autograd through the function run whole; only the
+    inputs are saved for backward."""
     gen = torch.Generator().manual_seed(8)
     weight = torch.nn.Parameter(torch.randn(12, 6, generator=gen))
     frozen = torch.nn.Parameter(torch.randn(12, generator=gen), requires_grad=False)
     rows = torch.randn(2, 21, 6, generator=gen)  # 21 tokens: pieces of 8, 8 and 5
-    positions, freqs = torch.arange(3, 24), torch.rand(2, generator=gen)
-    g = torch.randn(2, 21, 12, generator=gen)
+    shared = torch.randn(2, 30, 12, generator=gen)  # read whole by every piece
+    positions = torch.arange(3, 24)
+    g, g_sums = torch.randn(2, 21, 12, generator=gen), torch.tensor([0.7, 5.0])
 
-    def function(r, pos, f):
+    def function(a, e, pieces, common):
+        r, nothing = pieces
+        keys, label = common
+        assert nothing is None and label == "not a tensor"
         y = torch.nn.functional.linear(r, weight) * frozen
-        return torch.tanh(y) * (pos[:, None] * f[0]).cos() + y.square().mean(-1, keepdim=True)
+        y = torch.tanh(y) * positions[a:e, None].cos() + y.square().mean(-1, keepdim=True)
+        mixed = torch.einsum("bsd,btd->bst", y, keys[:, 3:12]).softmax(-1) @ keys[:, 3:12]
+        loss = mixed.float().square().sum()
+        return y + mixed, torch.stack((loss, torch.tensor(float(e - a))))
 
     results = []
     for recomputed in (False, True):
         leaf = rows.clone().requires_grad_(rows_grad)
+        common = shared.clone().requires_grad_()
         weight.grad = None
         saved = []
         keep = saved.append
         with torch.autograd.graph.saved_tensors_hooks(lambda t, keep=keep: keep(t) or t, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = (modules.recompute_rows(function, leaf, positions, freqs, [weight, frozen])
-                 if recomputed else function(leaf, positions, freqs))
-        y.backward(g.to(y.dtype))
-        results.append((y.detach(), leaf.grad, weight.grad, saved))
-    (y0, dx0, dw0, _), (y1, dx1, dw1, saved) = results
-    bound = TOLERANCE[torch.bfloat16 if autocast else torch.float32]  # bf16: sums split by piece
+            if recomputed:
+                y, sums = modules.recompute_pieces(function, [leaf, None], [common, "not a tensor"],
+                                                   [weight, frozen], piece=8)
+            else:
+                y, sums = function(0, 21, [leaf, None], [common, "not a tensor"])
+        torch.autograd.backward([y, sums], [g.to(y.dtype), g_sums])
+        results.append((y.detach(), sums.detach(), leaf.grad, common.grad, weight.grad, saved))
+    (y0, s0, dx0, dk0, dw0, _), (y1, s1, dx1, dk1, dw1, saved) = results
+    # bf16: two computations that round the sums over rows their own way (whole, and by piece)
+    bound = 2 * TOLERANCE[torch.bfloat16] if autocast else TOLERANCE[torch.float32]
     assert y1.dtype == y0.dtype and dw1.dtype == torch.float32
     assert_close("y", y0, y1, bound)
+    assert_close("sums", s0, s1, bound)
+    assert float(s1[1]) == 21  # the counts add up over the pieces
     assert_close("dweight", dw0, dw1, bound)
+    assert_close("dshared", dk0, dk1, bound)
     if rows_grad:
         assert_close("drows", dx0, dx1, bound)
     else:
         assert dx1 is None
     assert frozen.grad is None
-    inputs = {t.data_ptr() for t in (rows, positions, freqs, weight, frozen)}
-    assert all(t.numel() <= rows.numel() for t in saved) and len(saved) == 5
-    assert len({t.data_ptr() for t in saved} - inputs) <= 1  # the leaf copy of rows
+    assert len(saved) == 4 and all(t.numel() <= shared.numel() for t in saved)  # rows, shared, params
+
+
+def test_recomputed_pieces_when_only_the_sums_have_a_graph():
+    """As in the indexer's warm-up: the output has no graph (nothing it uses trains), the sums do."""
+    gen = torch.Generator().manual_seed(9)
+    rows, shared = torch.randn(1, 13, 4, generator=gen), torch.randn(1, 5, 4, generator=gen)
+    weight = torch.nn.Parameter(torch.randn(4, 4, generator=gen))
+
+    def function(a, e, pieces, common):
+        (r,), (keys,) = pieces, common
+        y = r @ keys.transpose(1, 2)  # no trainable input
+        return y, (torch.nn.functional.linear(r, weight) @ keys.transpose(1, 2)).square().sum()[None]
+
+    expected = torch.autograd.grad(function(0, 13, [rows], [shared])[1].sum(), weight)[0]
+    y, sums = modules.recompute_pieces(function, [rows], [shared], [weight], piece=4)
+    torch.autograd.backward([y, sums], [torch.ones_like(y), torch.ones_like(sums)])
+    assert_close("dweight", expected, weight.grad)
