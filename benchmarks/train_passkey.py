@@ -1,6 +1,6 @@
 """Passkey retrieval: the same model trained with four layer schedules on the same budget.
 
-    python benchmarks/train_passkey.py --quick            # a reduced run (seq 128, 2-digit keys)
+    python benchmarks/train_passkey.py --quick            # a reduced run (1024 tokens, 2-digit keys)
     python benchmarks/train_passkey.py --seq-len 4096     # the full comparison
     python benchmarks/train_passkey.py --out runs/passkey # keep one checkpoint folder per schedule
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from hybrid_attention.train import curriculum
+
 SCHEDULES = {"hybrid": "hybrid", "window": "window", "full": "full", "v4": "hca,csa,hca,full"}
 
 
@@ -42,9 +44,12 @@ def cpu_model() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="A reduced run: seq 128, 2-digit keys, 300 steps.")
-    p.add_argument("--schedules", default=",".join(SCHEDULES),
-                   help="Comma-separated, from " + ", ".join(SCHEDULES))
+    p.add_argument("--quick", action="store_true",
+                   help="A reduced run: hybrid and window only, 2-digit keys, 1024 tokens after a length "
+                        "curriculum (250 steps at 128, 100 at 512, 150 at 1024), batch 8.")
+    p.add_argument("--schedules", default=None,
+                   help="Comma-separated, from " + ", ".join(SCHEDULES) + " (default: all; with --quick: "
+                        "hybrid,window)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--digits", type=int, default=5)
     p.add_argument("--steps", type=int, default=1000, help="Sparse-phase steps (default: 1000).")
@@ -54,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Steps of the indexer warm-up after it (default: 0).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--curriculum", type=curriculum, default=[], metavar="STEPS:LEN,...",
+                   help="Shorter lengths first (hybrid-attention train --curriculum): 300:128 trains "
+                        "the first 300 steps at 128 tokens, the rest at --seq-len.")
     p.add_argument("--window", type=int, default=None, help="Window size (default: the tiny preset's 8).")
     p.add_argument("--eval-lengths", default=None,
                    help="Comma-separated (default: 1x, 2x, 4x the training length).")
@@ -65,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="Also print the results as one JSON object.")
     args = p.parse_args(argv)
     if args.quick:
-        args.seq_len, args.digits, args.steps = 128, 2, 300
+        args.seq_len, args.digits, args.steps, args.batch_size = 1024, 2, 500, 8
+        args.curriculum = args.curriculum or [[250, 128], [100, 512]]
+    if args.schedules is None:
+        args.schedules = "hybrid,window" if args.quick else ",".join(SCHEDULES)
     return args
 
 
@@ -91,13 +102,15 @@ def main(argv=None) -> int:
         overrides["window_size"] = args.window
     print(f"# train_passkey.py, {time.strftime('%Y-%m-%d')}, {cpu_model()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"# tiny model {overrides}, seq_len {args.seq_len}, {args.digits}-digit keys, "
+    first = "".join(f"{n} steps at {length}, then " for n, length in args.curriculum)
+    print(f"# tiny model {overrides}, {first}seq_len {args.seq_len}, {args.digits}-digit keys, "
           f"{args.dense_steps} dense + {args.indexer_steps} indexer + {args.steps} sparse steps x "
           f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}; eval {args.per_cell} keys per cell")
     results = {}
     for name in names:
         cfg = TrainConfig(model="tiny", schedule=SCHEDULES[name], overrides=overrides, seq_len=args.seq_len,
-                          task_options={"digits": args.digits}, sparse_steps=args.steps,
+                          task_options={"digits": args.digits}, curriculum=args.curriculum,
+                          sparse_steps=args.steps,
                           dense_steps=args.dense_steps, indexer_steps=args.indexer_steps,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=20, weight_decay=0.0,
                           seed=args.seed, out=str(root / name), log_every=25)
@@ -108,8 +121,7 @@ def main(argv=None) -> int:
         result = evaluate(model, lengths, depths, per_cell=args.per_cell, seed=args.seed + 1,
                           digits=args.digits)
         plot_needle_grid(result, root / name / "needle.png")
-        steps = args.dense_steps + args.indexer_steps + args.steps
-        result["train_tokens_per_s"] = steps * args.batch_size * args.seq_len / seconds
+        result["train_tokens_per_s"] = cfg.tokens_before(cfg.total_steps) / seconds
         result["train_s"] = seconds
         result["final_loss"] = run["losses"][-1]["loss"]
         results[name] = result

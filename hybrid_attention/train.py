@@ -68,6 +68,9 @@ class TrainConfig:
     task: str = "passkey"
     seq_len: int = 256
     task_options: dict = field(default_factory=dict)
+    # A length curriculum: [[steps, seq_len], ...] run first, in order, at those (shorter)
+    # lengths; the rest of the run at seq_len. The steps count towards the phases' steps.
+    curriculum: list = field(default_factory=list)
 
     # The recipe: steps per phase (0 skips a phase).
     dense_steps: int = 0
@@ -115,9 +118,44 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "indexer_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
+        self.curriculum = self._checked_curriculum(self.curriculum)
         if self.parallel not in PARALLEL:
             raise ValueError(f"TrainConfig.parallel must be one of {', '.join(PARALLEL)}, "
                              f"got {self.parallel!r}")
+
+    def _checked_curriculum(self, curriculum) -> list:
+        """[[steps, seq_len], ...] as lists of ints (a JSON round trip gives the same value)."""
+        bad = ValueError(f"TrainConfig.curriculum must be a list of [steps, seq_len] pairs of positive "
+                         f"integers, seq_len at most {self.seq_len}, got {curriculum!r}")
+        if not isinstance(curriculum, (list, tuple)):
+            raise bad
+        out = []
+        for item in curriculum:
+            if not isinstance(item, (list, tuple)) or len(item) != 2 or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in item) \
+                    or item[1] > self.seq_len:
+                raise bad
+            out.append([int(item[0]), int(item[1])])
+        return out
+
+    def seq_len_at(self, step: int) -> int:
+        """The training length of `step`: the curriculum's, then seq_len."""
+        for steps, length in self.curriculum:
+            if step < steps:
+                return length
+            step -= steps
+        return self.seq_len
+
+    def tokens_before(self, step: int) -> int:
+        """Training tokens of the steps before `step` (all ranks, all micro-steps)."""
+        tokens, done = 0, 0
+        for steps, length in self.curriculum:
+            n = min(steps, step - done)
+            if n <= 0:
+                break
+            tokens, done = tokens + n * length, done + n
+        tokens += max(0, step - done) * self.seq_len
+        return tokens * self.batch_size * self.grad_accum
 
     @property
     def total_steps(self) -> int:
@@ -454,6 +492,9 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
             raise ValueError(f"{out}: train.json holds different arguments; resume with the same ones")
         state = torch.load(out / "train_state.pt", weights_only=False)
 
+    # One task per training length (the curriculum's, then seq_len), made before anything is written.
+    tasks = {length: make_task(cfg.task, length, seed=cfg.seed, **cfg.task_options)
+             for length in {cfg.seq_len, *(length for _, length in cfg.curriculum)}}
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_cfg = build_model_config(cfg)
@@ -473,19 +514,19 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
         _atomic_write_text(out / "train.json", json.dumps(cfg.to_dict(), indent=2))
         (out / "metrics.jsonl").write_text("")
 
-    task = make_task(cfg.task, cfg.seq_len, seed=cfg.seed, **cfg.task_options)
     autocast = (torch.autocast(dist_.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext)
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     bar = _Progress(end, step, enabled=progress and dist_.main)
     wrapped, phase_name = None, None
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, tokens_last = time.perf_counter(), cfg.tokens_before(step)
     while step < end:
         name, _, _ = cfg.phase_at(step)
         if name != phase_name:  # freeze what the phase does not train; a new wrapper for it
             set_trainable(model, name)
             wrapped, phase_name = _wrap(model, cfg, dist_, wrapped), name
         lr = cfg.lr_at(step)
+        length = cfg.seq_len_at(step)
+        task = tasks[length]
         for group in optimizer.param_groups:
             group["lr"] = lr
         task_total, index_total = 0.0, 0.0
@@ -514,17 +555,16 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
         task_total, index_total = _sum_over_ranks((task_total, index_total), dist_)
         losses.append({"step": step, "phase": name, "loss": task_total, "indexer_loss": index_total})
         step += 1
-        steps_since += 1
-        now = time.perf_counter()
-        rate = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+        now, tokens = time.perf_counter(), cfg.tokens_before(step)
+        rate = (tokens - tokens_last) / max(now - t_last, 1e-9)
         bar.update(step, task_total, index_total, rate)
         if dist_.main and (step % cfg.log_every == 0 or step == end):
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            record = dict(losses[-1], lr=lr, grad_norm=float(norm), tokens_per_s=rate,
-                          tokens=step * tokens_per_step)
+            record = dict(losses[-1], lr=lr, grad_norm=float(norm), tokens_per_s=rate, seq_len=length,
+                          tokens=tokens)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            t_last, steps_since = now, 0
+            t_last, tokens_last = now, tokens
         if cfg.save_every and step % cfg.save_every == 0 and step < end:
             _save(out, model, optimizer, step, losses, dist_, cfg)
     bar.close()
@@ -672,6 +712,17 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def curriculum(text: str) -> list:
+    """argparse type of --curriculum: "300:128,100:512" -> [[300, 128], [100, 512]]."""
+    out = []
+    for item in text.split(","):
+        steps, sep, length = item.strip().partition(":")
+        if not (sep and steps.isdigit() and length.isdigit() and int(steps) > 0 and int(length) > 0):
+            raise argparse.ArgumentTypeError(f"expected STEPS:LEN,... with positive integers, got {text!r}")
+        out.append([int(steps), int(length)])
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import non_negative_int, positive_float, positive_int, seed
 
@@ -689,6 +740,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="For --task text: a folder of text files (without it, the "
                    "Python standard library's source).")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="Training length." + dflt)
+    p.add_argument("--curriculum", type=curriculum, default=[], metavar="STEPS:LEN,...",
+                   help="Shorter lengths first: 300:128,100:512 trains 300 steps at 128 tokens, then "
+                        "100 at 512, then the rest at --seq-len (the steps count towards the phases').")
     p.add_argument("--dense-steps", type=non_negative_int, default=d.dense_steps,
                    help="Steps of the dense phase (CSA attends to every entry, the indexer frozen)." + dflt)
     p.add_argument("--indexer-steps", type=non_negative_int, default=d.indexer_steps,
@@ -731,6 +785,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         options["digits"] = args.digits
     return TrainConfig(model=args.model, schedule=args.schedule, overrides=_parse_set(args.set),
                        task=args.task, seq_len=args.seq_len, task_options=options,
+                       curriculum=args.curriculum,
                        dense_steps=args.dense_steps, indexer_steps=args.indexer_steps,
                        sparse_steps=args.sparse_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,

@@ -13,14 +13,24 @@ from conftest import assert_close
 
 from hybrid_attention.compressor import Compressor
 from hybrid_attention.ops import compress
+from hybrid_attention.ops.compress import compress_reference, cpu
+
+
+def run_reference(kv, score, ape, ratio, overlap, previous=None):
+    """The reference through plain autograd: entries and the gradients of kv, score and ape."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (kv, score, ape)]
+    out = compress_reference(*leaves, ratio, overlap, previous)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    return [out] + [None if t is None else t.grad for t in leaves]
 
 
 def run(backend, kv, score, ape, ratio, overlap, previous=None):
-    leaves = [t.detach().requires_grad_() for t in (kv, score, ape)]
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (kv, score, ape)]
     out = compress(*leaves, ratio, overlap, previous, backend=backend)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * weight).sum().backward()
-    return [out] + [t.grad for t in leaves]
+    return [out] + [None if t is None else t.grad for t in leaves]
 
 
 def inputs(b, s, width, ratio, dtype=torch.float32, seed=0):
@@ -44,6 +54,51 @@ def test_triton_matches_reference(b, s, d, ratio, overlap, dtype):
     for name, ref, out in zip(("entries", "dkv", "dscore", "dape"), expected, got, strict=True):
         # The pooling is fp32 for every input dtype; gradients come back in the input's dtype.
         assert_close(name, ref, out, ratio=2e-2 if out.dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("b, s, d, ratio, overlap, dtype, with_ape, with_previous", [
+    pytest.param(2, 23, 24, 4, True, torch.float32, True, False, id="overlap-T23"),
+    pytest.param(2, 40, 24, 4, True, torch.float32, True, True, id="overlap-T40-previous"),
+    pytest.param(1, 37, 16, 4, True, torch.float32, False, True, id="overlap-no-ape-previous"),
+    pytest.param(2, 23, 24, 4, True, torch.bfloat16, True, False, id="overlap-bf16"),
+    pytest.param(2, 35, 16, 8, False, torch.float32, True, False, id="r8"),
+    pytest.param(1, 300, 16, 128, False, torch.float32, True, False, id="r128-T300"),
+    pytest.param(1, 3, 16, 4, True, torch.float32, True, False, id="shorter-than-a-block"),
+])
+def test_torch_backend_equals_the_reference_forward_and_backward(b, s, d, ratio, overlap, dtype, with_ape,
+                                                                 with_previous, monkeypatch):
+    """The chunked autograd Function (chunks of 2 blocks: entries, and the overlap's previous
+    block, cross chunk boundaries) against the reference through autograd."""
+    monkeypatch.setattr(cpu, "CHUNK_BLOCKS", 2)
+    width = 2 * d if overlap else d
+    kv, score, ape = inputs(b, s, width, ratio, dtype, seed=3)
+    ape = ape if with_ape else None
+    previous = None
+    if with_previous:
+        g = torch.Generator().manual_seed(4)
+        previous = (torch.randn(b, ratio, width, generator=g), torch.randn(b, ratio, width, generator=g))
+    expected = run_reference(kv, score, ape, ratio, overlap, previous)
+    got = run("torch", kv, score, ape, ratio, overlap, previous)
+    assert got[0].shape == (b, s // ratio, d) and got[0].dtype == torch.float32
+    for name, ref, out in zip(("entries", "dkv", "dscore", "dape"), expected, got, strict=True):
+        if ref is None:
+            assert out is None, name
+        else:
+            assert out.dtype == ref.dtype and out.shape == ref.shape, name
+            if ref.numel():
+                assert_close(name, ref, out)
+
+
+def test_torch_backend_keeps_only_its_inputs_and_entries():
+    """No slot, softmax or product tensor of the sequence's length is saved for backward."""
+    kv, score, ape = inputs(1, 64, 32, 4)
+    leaves = [t.requires_grad_() for t in (kv, score, ape)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = compress(*leaves, 4, True, backend="torch")
+    assert out.shape == (1, 16, 16)
+    assert max(t.numel() for t in saved) == kv.numel()
+    assert sum(t.numel() for t in saved) <= 2 * kv.numel() + ape.numel() + 2 * 4 * 32 + out.numel()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

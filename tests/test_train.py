@@ -44,6 +44,32 @@ def test_resume_is_bit_exact(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(7))
 
 
+def test_curriculum_lengths_and_resume_across_its_boundary(tmp_path):
+    """Steps 0-2 at 100 tokens, 3 at 112, the rest at 128; stopped inside the curriculum and resumed,
+    the same losses bit for bit; the metrics say which length each step trained at."""
+    plan = dict(curriculum=[[3, 100], [1, 112]], sparse_steps=6, task_options={"digits": 2})
+    cfg = _cfg(tmp_path, "whole", **plan)
+    assert [cfg.seq_len_at(t) for t in range(6)] == [100, 100, 100, 112, 128, 128]
+    assert cfg.tokens_before(5) == (3 * 100 + 112 + 128) * 4
+    whole = train(cfg, progress=False)
+    parts = _cfg(tmp_path, "parts", **plan)
+    train(parts, progress=False, stop_after=2)
+    rest = train(parts, resume=True, progress=False)
+    assert [r["loss"] for r in rest["losses"]] == [r["loss"] for r in whole["losses"]]
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in lines] == [100, 100, 100, 112, 128, 128]
+    assert lines[-1]["tokens"] == cfg.tokens_before(6)
+    # A JSON round trip gives the same arguments, so resume accepts its own train.json.
+    saved = json.loads((tmp_path / "parts" / "train.json").read_text())
+    assert TrainConfig.from_dict(saved).to_dict() == parts.to_dict()
+
+
+@pytest.mark.parametrize("curriculum", [[[0, 64]], [[3, 256]], [[3]], [3, 64], "3:64", [[2, True]]])
+def test_curriculum_is_checked(tmp_path, curriculum):
+    with pytest.raises(ValueError, match="curriculum"):
+        _cfg(tmp_path, curriculum=curriculum)
+
+
 def test_resume_refuses_other_arguments(tmp_path):
     train(_cfg(tmp_path, sparse_steps=2), progress=False)
     with pytest.raises(ValueError, match="different arguments"):
@@ -109,6 +135,15 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert main(["train", "--set", "window_size=-3", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "window_size" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # a bad config writes nothing
+    assert main(["train", "--curriculum", "10-64", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "STEPS:LEN" in capsys.readouterr().err
+    assert main(["train", "--curriculum", "1:200", "--seq-len", "100", "--out", str(tmp_path / "bad"),
+                 "--no-progress"]) == 2
+    assert "curriculum" in capsys.readouterr().err
+    assert main(["train", "--curriculum", "1:50", "--seq-len", "128", "--out", str(tmp_path / "bad"),
+                 "--no-progress"]) == 2  # too short for the passkey
+    assert "seq_len 50 is too short" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])

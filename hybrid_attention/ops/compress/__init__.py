@@ -1,3 +1,4 @@
 from .api import compress
+from .reference import compress_reference
 
-__all__ = ["compress"]
+__all__ = ["compress", "compress_reference"]

@@ -6,7 +6,7 @@ import torch
 
 from ...checks import check_bool, check_int, check_same_device, check_tensor
 from ..dispatch import resolve_backend
-from .reference import compress_reference
+from .cpu import compress_cpu
 
 
 def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ratio: int, overlap: bool,
@@ -23,8 +23,9 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ra
     [b, ratio, 2d], as the compressor state holds it, or empty (a fresh sequence). Tokens after the
     last complete block are ignored (they wait in the compressor state).
 
-    backend: "torch", "triton" or "auto" (Triton for CUDA tensors, else torch). Differentiable in
-    kv, score and ape; `previous` is a constant.
+    backend: "torch" (`cpu.py`: a chunk of blocks at a time, forward and backward), "triton" or
+    "auto" (Triton for CUDA tensors, else torch). Differentiable in kv, score and ape; `previous`
+    is a constant. `reference.py` is the oracle of both.
     """
     if not torch.compiler.is_compiling():
         _validate(kv, score, ape, ratio, overlap, previous)
@@ -35,7 +36,7 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ra
         from .triton import compress_triton
 
         return compress_triton(kv, score, ape, ratio, overlap, previous)
-    return compress_reference(kv, score, ape, ratio, overlap, previous)
+    return compress_cpu(kv, score, ape, ratio, overlap, previous)
 
 
 def _validate(kv, score, ape, ratio, overlap, previous) -> None:
