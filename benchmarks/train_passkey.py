@@ -50,14 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedules", default=None,
                    help="Comma-separated, from " + ", ".join(SCHEDULES) + " (default: all; with --quick: "
                         "hybrid,window)")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--digits", type=int, default=5)
-    p.add_argument("--steps", type=int, default=1000, help="Sparse-phase steps (default: 1000).")
+    p.add_argument("--seq-len", type=int, default=None, help="Training length (default: 4096; --quick 1024).")
+    p.add_argument("--digits", type=int, default=None, help="Passkey digits (default: 5; --quick 2).")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Sparse-phase steps (default: 1000; --quick 500).")
     p.add_argument("--dense-steps", type=int, default=0,
                    help="Steps of the recipe's dense phase first (CSA over every entry; default: 0).")
     p.add_argument("--indexer-steps", type=int, default=0,
                    help="Steps of the indexer warm-up after it (default: 0).")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="Default: 16; --quick 8.")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--curriculum", type=curriculum, default=[], metavar="STEPS:LEN,...",
                    help="Shorter lengths first (hybrid-attention train --curriculum): 300:128 trains "
@@ -72,9 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Keep a checkpoint folder per schedule here (default: a temporary folder).")
     p.add_argument("--json", action="store_true", help="Also print the results as one JSON object.")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seq_len, args.digits, args.steps, args.batch_size = 1024, 2, 500, 8
-        args.curriculum = args.curriculum or [[250, 128], [100, 512]]
+    # --quick changes the defaults; flags given explicitly win.
+    defaults = (dict(seq_len=1024, digits=2, steps=500, batch_size=8, curriculum=[[250, 128], [100, 512]])
+                if args.quick else dict(seq_len=4096, digits=5, steps=1000, batch_size=16, curriculum=[]))
+    for name, value in defaults.items():
+        if getattr(args, name) in (None, []):
+            setattr(args, name, value)
     if args.schedules is None:
         args.schedules = "hybrid,window" if args.quick else ",".join(SCHEDULES)
     return args

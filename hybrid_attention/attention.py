@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_device
@@ -164,7 +165,15 @@ class HybridAttention(nn.Module):
         positions = torch.arange(start, start + s, device=x.device)
         freqs = self._freqs.to(x.device)
 
-        kv = self._kv_rows(x, positions, freqs)
+        # The training path: the indexer loss, the dense warm-up, or anything autograd tracks.
+        train = self.kind != "full" and not kernels and (
+            return_aux or dense_csa or (torch.is_grad_enabled() and (
+                x.requires_grad or self.wq_a.weight.requires_grad or self.q_norm.weight.requires_grad)))
+        # There the KV path and the compressors keep only their input for backward (activation
+        # checkpointing): their [s, ...] projections, norms and pooling slots are recomputed.
+        kept = _checkpointed if train and torch.is_grad_enabled() else _called
+
+        kv = kept(self._kv_rows, x, positions, freqs)
         if self.kind == "full":
             keys = work.kv.with_appended(kv)  # [b, start + s, d]
             context = start
@@ -175,22 +184,18 @@ class HybridAttention(nn.Module):
         updates = {}
         compressed = index_keys = head_weights = None
         if self.compressor is not None:
-            entries, updates["compressor"] = self.compressor(
-                x, start, work.compressor, freqs, self.cfg.quant)
+            entries, updates["compressor"] = kept(
+                self.compressor, x, start, work.compressor, freqs, self.cfg.quant)
             updates["compressed"] = entries
             compressed = work.compressed.with_appended(entries)  # [b, (start + s) // r, d]
         if self.indexer is not None:
             # The indexer learns only from its own loss: its inputs are detached (DeepSeek-V3.2).
-            new_keys, updates["index_compressor"] = self.indexer.compressor(
-                x.detach(), start, work.index_compressor, freqs, self.cfg.quant)
+            new_keys, updates["index_compressor"] = kept(
+                self.indexer.compressor, x.detach(), start, work.index_compressor, freqs, self.cfg.quant)
             updates["index_keys"] = new_keys
             index_keys = work.index_keys.with_appended(new_keys)
             head_weights = self.indexer.head_weights(x.detach())  # [b, s, hi]
 
-        # The training path: the indexer loss, the dense warm-up, or anything autograd tracks.
-        train = self.kind != "full" and not kernels and (
-            return_aux or dense_csa or (torch.is_grad_enabled() and (
-                x.requires_grad or self.wq_a.weight.requires_grad or self.q_norm.weight.requires_grad)))
         if train:
             y, aux = self._attend_train(x, keys, positions, freqs, compressed, index_keys, head_weights,
                                         return_aux, dense_csa)
@@ -617,6 +622,14 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(loaded[name])
+
+
+def _called(function, *args):
+    return function(*args)
+
+
+def _checkpointed(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
 def _detached(state):

@@ -30,3 +30,14 @@ def test_two_schedules_with_every_phase(tmp_path, capsys):
 def test_an_unknown_schedule_is_refused(capsys):
     assert train_passkey.main(["--schedules", "hybrid,dense"]) == 2
     assert "unknown schedule" in capsys.readouterr().err
+
+
+def test_quick_sets_defaults_that_explicit_flags_override():
+    quick = train_passkey.parse_args(["--quick"])
+    assert (quick.seq_len, quick.digits, quick.steps, quick.batch_size) == (1024, 2, 500, 8)
+    assert quick.curriculum == [[250, 128], [100, 512]] and quick.schedules == "hybrid,window"
+    mine = train_passkey.parse_args(["--quick", "--steps", "550", "--curriculum", "200:128",
+                                     "--schedules", "full"])
+    assert (mine.steps, mine.curriculum, mine.schedules) == (550, [[200, 128]], "full")
+    full = train_passkey.parse_args([])
+    assert (full.seq_len, full.digits, full.steps, full.curriculum) == (4096, 5, 1000, [])
