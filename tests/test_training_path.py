@@ -1,7 +1,8 @@
 """The layer's training path (`HybridAttention._attend_train`: joint_attention + indexer_loss, whose
 backward works a query block at a time) against two other constructions through plain autograd:
-the same wiring on the SPEC 4 reference ops (flat row lists, `*_reference`), and the blocked
-inference path (`_attend`). Outputs, the indexer loss, and the gradients of x and of every
+the same wiring on the SPEC 4 reference ops (flat row lists, `*_reference`, the compressors'
+reference pooling) through plain autograd, nothing recomputed, and the blocked inference path
+(`_attend`). Outputs, the indexer loss, and the gradients of x and of every
 parameter, for every kind, batch 2, lengths off the ratios, a chunk that continues a state,
 dense CSA, and top-k smaller than the visible entries."""
 
@@ -12,6 +13,8 @@ import torch
 from conftest import TOLERANCE, assert_close, layer_of_kind
 
 from hybrid_attention import AttentionConfig, attention, modules
+from hybrid_attention.ops.compress import api as compress_api
+from hybrid_attention.ops.compress import compress_reference
 from hybrid_attention.ops.indexer_loss import indexer_loss_reference
 from hybrid_attention.ops.joint_attention import cpu, joint_attention_reference
 
@@ -71,6 +74,8 @@ def test_training_path_equals_the_reference_ops_and_the_inference_path(kind, s, 
         patch.setattr(attention, "joint_attention", reference_ops)
         patch.setattr(attention, "indexer_loss", indexer_loss_reference)
         patch.setattr(attention, "recompute_pieces", whole)
+        patch.setattr(attention, "_checkpointed", attention._called)  # plain autograd throughout
+        patch.setattr(compress_api, "compress_cpu", compress_reference)
         oracle = step(layer, x, prefix, dense)
     assert_close("y", oracle[0], fast[0])
     assert_close("indexer loss", oracle[1], fast[1])
