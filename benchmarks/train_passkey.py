@@ -46,19 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="A reduced run: hybrid and window only, 2-digit keys, 1024 tokens after a length "
-                        "curriculum (250 steps at 128, 100 at 512, 150 at 1024), batch 8.")
+                        "curriculum (400 steps at 128, 200 at 512, 300 at 1024), batch 4.")
     p.add_argument("--schedules", default=None,
                    help="Comma-separated, from " + ", ".join(SCHEDULES) + " (default: all; with --quick: "
                         "hybrid,window)")
     p.add_argument("--seq-len", type=int, default=None, help="Training length (default: 4096; --quick 1024).")
     p.add_argument("--digits", type=int, default=None, help="Passkey digits (default: 5; --quick 2).")
     p.add_argument("--steps", type=int, default=None,
-                   help="Sparse-phase steps (default: 1000; --quick 500).")
+                   help="Sparse-phase steps (default: 1000; --quick 900).")
     p.add_argument("--dense-steps", type=int, default=0,
                    help="Steps of the recipe's dense phase first (CSA over every entry; default: 0).")
     p.add_argument("--indexer-steps", type=int, default=0,
                    help="Steps of the indexer warm-up after it (default: 0).")
-    p.add_argument("--batch-size", type=int, default=None, help="Default: 16; --quick 8.")
+    p.add_argument("--batch-size", type=int, default=None, help="Default: 16; --quick 4.")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--curriculum", type=curriculum, default=[], metavar="STEPS:LEN,...",
                    help="Shorter lengths first (hybrid-attention train --curriculum): 300:128 trains "
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="Also print the results as one JSON object.")
     args = p.parse_args(argv)
     # --quick changes the defaults; flags given explicitly win.
-    defaults = (dict(seq_len=1024, digits=2, steps=500, batch_size=8, curriculum=[[250, 128], [100, 512]])
+    defaults = (dict(seq_len=1024, digits=2, steps=900, batch_size=4, curriculum=[[400, 128], [200, 512]])
                 if args.quick else dict(seq_len=4096, digits=5, steps=1000, batch_size=16, curriculum=[]))
     for name, value in defaults.items():
         if getattr(args, name) in (None, []):

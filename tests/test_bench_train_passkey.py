@@ -34,8 +34,8 @@ def test_an_unknown_schedule_is_refused(capsys):
 
 def test_quick_sets_defaults_that_explicit_flags_override():
     quick = train_passkey.parse_args(["--quick"])
-    assert (quick.seq_len, quick.digits, quick.steps, quick.batch_size) == (1024, 2, 500, 8)
-    assert quick.curriculum == [[250, 128], [100, 512]] and quick.schedules == "hybrid,window"
+    assert (quick.seq_len, quick.digits, quick.steps, quick.batch_size) == (1024, 2, 900, 4)
+    assert quick.curriculum == [[400, 128], [200, 512]] and quick.schedules == "hybrid,window"
     mine = train_passkey.parse_args(["--quick", "--steps", "550", "--curriculum", "200:128",
                                      "--schedules", "full"])
     assert (mine.steps, mine.curriculum, mine.schedules) == (550, [[200, 128]], "full")
