@@ -553,15 +553,15 @@ def _train(cfg: TrainConfig, dist_: Dist, resume: bool, progress: bool, stop_aft
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         task_total, index_total = _sum_over_ranks((task_total, index_total), dist_)
-        losses.append({"step": step, "phase": name, "loss": task_total, "indexer_loss": index_total})
+        losses.append({"step": step, "phase": name, "loss": task_total, "indexer_loss": index_total,
+                       "seq_len": length})
         step += 1
         now, tokens = time.perf_counter(), cfg.tokens_before(step)
         rate = (tokens - tokens_last) / max(now - t_last, 1e-9)
         bar.update(step, task_total, index_total, rate)
         if dist_.main and (step % cfg.log_every == 0 or step == end):
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            record = dict(losses[-1], lr=lr, grad_norm=float(norm), tokens_per_s=rate, seq_len=length,
-                          tokens=tokens)
+            record = dict(losses[-1], lr=lr, grad_norm=float(norm), tokens_per_s=rate, tokens=tokens)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             t_last, tokens_last = now, tokens
@@ -640,7 +640,8 @@ def _save(out: Path, model, optimizer, step: int, losses: list, dist_: Dist, cfg
 
 
 def plot_losses(losses: list[dict], path: Path) -> bool:
-    """The loss curves (task loss, indexer loss; phases shaded) as a PNG; False without matplotlib."""
+    """The loss curves (task loss, indexer loss; phases shaded, the curriculum's length changes
+    dashed) as a PNG; False without matplotlib."""
     try:
         import matplotlib
 
@@ -659,6 +660,11 @@ def plot_losses(losses: list[dict], path: Path) -> bool:
             ax.axvspan(steps[first], steps[i - 1], color=colours[losses[first]["phase"]], alpha=0.6, lw=0)
             ax.text(steps[first], ax.get_ylim()[1], losses[first]["phase"], va="top", fontsize=8)
             first = i
+    for before, record in zip(losses, losses[1:], strict=False):
+        if before.get("seq_len") != record.get("seq_len"):
+            ax.axvline(record["step"], color="grey", ls="--", lw=0.8)
+            ax.text(record["step"], 0.02, f" {record.get('seq_len')} tokens", fontsize=7, va="bottom",
+                    color="grey", transform=ax.get_xaxis_transform())  # x in steps, y in axes units
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
