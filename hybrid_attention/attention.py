@@ -341,18 +341,19 @@ class HybridAttention(nn.Module):
                       dense_csa):
         """The training path (autograd on, or the indexer loss or the dense warm-up asked for).
 
-        First the indexer's picks (no gradient: a discrete choice) a query block at a time; then
-        the query side - query path, `joint_attention` (window + compressed entries + sink), the
-        indexer loss against the attention's own share of each pick (the teacher), de-rotation and
-        output projection - `RECOMPUTE_ROWS` tokens at a time through `recompute_pieces`, which
-        keeps only the inputs and recomputes each piece in backward. So no [s, heads, head_dim]
+        The query side - query path, the indexer's picks (no gradient: a discrete choice; chosen in
+        a piece's first run, reused when backward recomputes it), `joint_attention` (window +
+        compressed entries + sink), the indexer loss against the attention's own share of each pick
+        (the teacher), de-rotation and output projection - runs `RECOMPUTE_ROWS` tokens at a time
+        through `recompute_pieces`, which keeps only the inputs and recomputes each piece in
+        backward. So no [s, heads, head_dim]
         tensor (queries, attention output, their gradients) exists at full length. Equal to the
         inference path run through autograd.
         dense_csa: attention over every visible entry, and the indexer loss over all of them."""
         b, s = x.shape[:2]
         win, start = self.cfg.window_size, int(positions[0])
         entries = _dense(compressed) if compressed is not None else None
-        picks = None
+        picks, picked = None, set()  # picked: the pieces whose picks are chosen
         if self.kind == "csa" and dense_csa:
             if return_aux:  # the loss's "picks": every entry, -1 where a query cannot see it yet
                 entry = torch.arange(entries.size(1), device=x.device)
@@ -360,22 +361,26 @@ class HybridAttention(nn.Module):
                 picks = torch.where(entry < visible, entry, -1).expand(b, s, -1)
         elif self.kind == "csa":
             picks = x.new_full((b, s, min(self.cfg.index_topk, entries.size(1))), -1, dtype=torch.long)
-            block = self.cfg.query_block_size
-            with torch.no_grad():
-                for a in range(0, s, block):
-                    e = min(s, a + block)
-                    qi = self.indexer.queries(self.q_norm(self.wq_a(x[:, a:e])), positions[a:e], freqs)
-                    chosen = self._pick_entries(qi, head_weights[:, a:e], index_keys, positions[a:e])
-                    picks[:, a:e, :chosen.size(-1)] = chosen
+        choose = self.kind == "csa" and not dense_csa
         want_loss = return_aux and picks is not None
         context = keys.size(1) - s  # rows before the chunk
 
         def query_side(a, e, rows, shared):
             x_piece, weights = rows
-            kv, entries, index_keys = shared
+            kv, entries, loss_keys = shared  # loss_keys: index_keys, a leaf of the piece in backward
             pos = positions[a:e]
             qr = self.q_norm(self.wq_a(x_piece))
             q = self._queries(qr, pos, freqs)
+            first_run = choose and a not in picked
+            qi = self.indexer.queries(qr.detach(), pos, freqs) if first_run or want_loss else None
+            if first_run:
+                with torch.no_grad():
+                    for i in range(a, e, self.cfg.query_block_size):
+                        j = min(e, i + self.cfg.query_block_size)
+                        found = self._pick_entries(qi[:, i - a:j - a], head_weights[:, i:j], index_keys,
+                                                   positions[i:j])
+                        picks[:, i:j, :found.size(-1)] = found
+                picked.add(a)
             lo = context + a - min(start + a, win - 1)  # the piece's window rows before it
             chosen = picks[:, a:e] if picks is not None else None
             o, teacher = joint_attention(q, kv[:, lo:context + e], self.attn_sink, self.scale, win, start + a,
@@ -384,8 +389,7 @@ class HybridAttention(nn.Module):
             y = self.wo_b(self._derotated_grouped_output(o, pos, freqs).flatten(2))
             if not want_loss:
                 return y, None
-            qi = self.indexer.queries(qr.detach(), pos, freqs)
-            total, count = indexer_loss(qi, weights, index_keys, chosen.contiguous(), teacher)
+            total, count = indexer_loss(qi, weights, loss_keys, chosen.contiguous(), teacher)
             return y, torch.stack((total.float(), count.float()))
 
         params = [p for module in (self.wq_a, self.q_norm, self.wq_b, self.wo_a, self.wo_b)

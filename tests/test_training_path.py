@@ -261,3 +261,23 @@ def test_recomputed_pieces_when_only_the_sums_have_a_graph():
     y, sums = modules.recompute_pieces(function, [rows], [shared], [weight], piece=4)
     torch.autograd.backward([y, sums], [torch.ones_like(y), torch.ones_like(sums)])
     assert_close("dweight", expected, weight.grad)
+
+
+def test_without_return_aux_the_picks_and_gradients_are_the_same():
+    """Autograd on but no indexer loss asked for: the query side still chooses the picks (in each
+    piece's first run, reused when backward recomputes it), so y and dx equal those of a step with
+    return_aux, and y equals the no-grad inference path's."""
+    layer = layer_of_kind(TINY, "csa")
+    x = torch.randn(2, 37, TINY.dim, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    results = []
+    for return_aux in (False, True):
+        x.grad = None
+        out = layer(x, return_aux=return_aux)
+        y = out[0] if return_aux else out
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad.clone()))
+    with torch.no_grad():
+        inference = layer(x)
+    assert_close("y", results[1][0], results[0][0])
+    assert_close("dx", results[1][1], results[0][1])
+    assert_close("y vs inference", inference, results[0][0])

@@ -21,16 +21,10 @@ from __future__ import annotations
 import torch
 
 from ..autocast import without_autocast
-from .reference import overlap_slots
+from .reference import empty_previous, overlap_slots
 
 # Blocks per chunk: a CSA chunk's slot tensors [b, 512, 2 * 4, 128] fp32 are 2 MB each.
 CHUNK_BLOCKS = 512
-
-
-def _empty_previous(kv: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, width = kv.size(0), kv.size(-1)
-    return (kv.new_zeros(b, ratio, width, dtype=torch.float32),
-            kv.new_full((b, ratio, width), float("-inf"), dtype=torch.float32))
 
 
 def _chunk_slots(kv, score, ape, ratio, overlap, previous, i0, i1):
@@ -112,6 +106,6 @@ def compress_cpu(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None
                  previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`compress` (same arguments, same result as `compress_reference`) a chunk at a time."""
     if overlap and previous is None:
-        previous = _empty_previous(kv, ratio)
+        previous = empty_previous(kv, ratio)
     previous_kv, previous_score = previous if overlap else (None, None)
     return Compress.apply(kv, score, ape, ratio, overlap, previous_kv, previous_score)

@@ -38,6 +38,13 @@ def overlap_slots(blocks: torch.Tensor, previous: torch.Tensor, head_dim: int) -
 
 
 
+def empty_previous(kv: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block before a fresh sequence's entry 0, [b, ratio, width] fp32: values 0, logits -inf."""
+    b, width = kv.size(0), kv.size(-1)
+    return (kv.new_zeros(b, ratio, width, dtype=torch.float32),
+            kv.new_full((b, ratio, width), float("-inf"), dtype=torch.float32))
+
+
 def compress_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor | None, ratio: int,
                        overlap: bool, previous: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> torch.Tensor:
@@ -52,8 +59,7 @@ def compress_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor 
     if not overlap:
         return pool_blocks(blocks_kv, blocks_score)
     if previous is None:
-        previous = (kv.new_zeros(b, ratio, width, dtype=torch.float32),
-                    kv.new_full((b, ratio, width), float("-inf"), dtype=torch.float32))
+        previous = empty_previous(kv, ratio)
     head_dim = width // 2
     slots_kv = overlap_slots(blocks_kv, previous[0].float(), head_dim)  # [b, n, 2r, d]
     slots_score = overlap_slots(blocks_score, previous[1].float(), head_dim)
