@@ -1,4 +1,4 @@
-"""benchmarks/ab_indexer_int8.py and ab_bf16.py keep running: small smoke runs print their tables,
+"""benchmarks/ab_indexer.py and ab_bf16.py keep running: small smoke runs print their tables,
 and the int8 A/B finds the two routes' outputs identical."""
 
 import sys
@@ -6,13 +6,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ab_bf16  # noqa: E402
-import ab_indexer_int8  # noqa: E402
+import ab_indexer  # noqa: E402
 
 from hybrid_attention.ops.indexer_topk import cpu  # noqa: E402
 
 
 def test_int8_ab_prints_both_routes_and_restores_the_default(capsys):
-    assert ab_indexer_int8.main(["--length", "512", "--rounds", "1"]) == 0
+    assert ab_indexer.main(["--length", "512", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "CSA layer prefill" in out and "indexer_topk op" in out
     assert "bit-identical in every round" in out
@@ -34,4 +34,4 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         ab_bf16.main(["--rounds", "0"])
     with pytest.raises(SystemExit):
-        ab_indexer_int8.main(["--length", "4"])
+        ab_indexer.main(["--length", "4"])

@@ -1,5 +1,6 @@
 """The CPU backend of indexer_topk: int8 scoring where it is exact, bit-identical to the fp32
-reference (scores and picks); the reference path wherever exactness cannot be shown."""
+reference (scores and picks); the reference path wherever exactness cannot be shown; the tiles'
+fused (compiled) epilogue, bit-identical to the eager passes."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from hybrid_attention.attention import HybridAttention
 from hybrid_attention.config import AttentionConfig
 from hybrid_attention.ops import FP4Keys
 from hybrid_attention.ops.indexer_topk import cpu
-from hybrid_attention.ops.indexer_topk.reference import block_scores, indexer_topk_reference
+from hybrid_attention.ops.indexer_topk.reference import block_scores, head_sum, indexer_topk_reference
 from hybrid_attention.quant import fake_quant_fp4
 
 
 @pytest.fixture(autouse=True)
 def every_call_may_take_int8(monkeypatch):
-    """The route's own tests: small calls too (the layer keeps them on fp32 for speed)."""
+    """The route's own tests: small calls too (the layer keeps them on fp32 for speed), and the
+    fused epilogue on every tile however small."""
     monkeypatch.setattr(cpu, "MIN_QUERY_ROWS", 0)
     monkeypatch.setattr(cpu, "USE_INT8", True)
+    monkeypatch.setattr(cpu, "FUSE_EPILOGUE", True)
+    monkeypatch.setattr(cpu, "FUSED_PRODUCTS", 0)
 
 
 def official_inputs(b, s, heads, d, t, seed=0, spread=1):
@@ -59,7 +63,9 @@ def test_int8_picks_equal_the_reference(b, s, heads, d, t, k):
     assert torch.equal(cpu.indexer_topk_cpu(q, weights, fp4, k, visible), ref)
 
 
-def test_int8_scores_equal_the_reference_bit_for_bit():
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "eager"])
+def test_int8_scores_equal_the_reference_bit_for_bit(monkeypatch, fuse):
+    monkeypatch.setattr(cpu, "FUSE_EPILOGUE", fuse)
     q, weights, keys = official_inputs(2, 40, 8, 64, 300, seed=3)
     q_ints, w, k_ints, k_scale = cpu.int8_operands(q, weights, keys)
     n = 2 * 40 * 8 * 300
@@ -159,3 +165,87 @@ def test_property_top_entries_equal_the_oracle_with_many_ties(rows, t, k, levels
     expected = select_entries(scores[0][None], seen, k)
     got = top_entries(scores.clone(), seen[None], k)
     assert torch.equal(got, expected)
+
+
+def eager_head_sum(products, weights):
+    """The reference's passes after its GEMM (`block_scores`): ReLU, weighting, heads added in order."""
+    return head_sum(products.float().clamp_min(0).mul_(weights[..., None])[None])[0]
+
+
+@pytest.mark.parametrize("heads", [1, 3, 8, 13])
+def test_the_fused_epilogues_equal_the_eager_passes_bit_for_bit(heads):
+    g = torch.Generator().manual_seed(heads)
+    n, t = 37, 203  # 203 columns: a vector loop's tail too
+    dots = torch.randint(-2**20, 2**20, (n, heads, t), generator=g, dtype=torch.int32)
+    weights = torch.randn(n, heads, generator=g) * 2.0 ** torch.randint(-8, 8, (n, heads), generator=g)
+    key_scale = 2.0 ** torch.randint(-10, 10, (t,), generator=g).float()
+    wide = torch.full((n, t + 9), float("nan"))
+    out = wide[:, 4:4 + t]  # a strided view, as the tiles write into the scores
+    fused = cpu.fused(cpu.head_sum_int8, heads, n * heads * t)
+    assert cpu.run_fused(fused, dots, weights, key_scale, out)
+    assert torch.equal(out, eager_head_sum(dots, weights) * key_scale)
+    assert wide[:, :4].isnan().all() and wide[:, 4 + t:].isnan().all()  # nothing else written
+    products = torch.randn(n, heads, t, generator=g)
+    fused = cpu.fused(cpu.head_sum_fp32, heads, n * heads * t)
+    assert cpu.run_fused(fused, products, weights, out)
+    assert torch.equal(out, eager_head_sum(products, weights))
+
+
+def test_the_head_sum_adds_the_heads_in_order_in_every_column():
+    # torch.sum over the head axis adds a row's last columns (past the vector width) another way;
+    # the reference's head_sum is index_scores' loop in every column.
+    from hybrid_attention.indexer import index_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(1, 30, 8, 64, generator=g), torch.randn(1, 300, 64, generator=g)
+    weights = torch.randn(1, 30, 8, generator=g) * 2.0 ** torch.randint(-6, 6, (1, 30, 8), generator=g)
+    per_head = torch.stack([q[:, :, h] @ keys.transpose(1, 2) for h in range(8)], dim=2)
+    per_head = per_head.clamp_min(0) * weights[..., None]
+    expected = per_head[:, :, 0].clone()
+    for h in range(1, 8):
+        expected = expected + per_head[:, :, h]
+    assert torch.equal(head_sum(per_head), expected)
+    assert torch.equal(head_sum(per_head), index_scores(q, weights, keys))
+
+
+def test_many_heads_keep_the_eager_passes():
+    assert cpu.fused(cpu.head_sum_int8, cpu.FUSED_HEADS + 1, 1 << 20) is None
+    q, weights, keys = official_inputs(1, 40, cpu.FUSED_HEADS + 4, 64, 30, seed=5)
+    visible = causal(40, 30, ratio=1)[None].int()
+    assert torch.equal(cpu.indexer_topk_cpu(q, weights, keys, 8, visible),
+                       indexer_topk_reference(q, weights, keys, 8, visible))
+
+
+@pytest.mark.parametrize("b, s, heads, d, t, k", [
+    (1, 300, 8, 64, 75, 16),
+    (2, 129, 4, 128, 40, 7),
+    (3, 50, 2, 64, 600, 5),
+])
+def test_the_fp32_route_with_the_fused_epilogue_equals_the_reference(monkeypatch, b, s, heads, d, t, k):
+    # quant="none" values: full fp32 mantissas, so int8 cannot apply and the fp32 GEMM runs.
+    fused_calls = []
+    original = cpu.run_fused
+    monkeypatch.setattr(cpu, "run_fused", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
+    g = torch.Generator().manual_seed(b * s)
+    q, keys = torch.randn(b, s, heads, d, generator=g), torch.randn(b, t, d, generator=g)
+    weights = torch.randn(b, s, heads, generator=g)
+    visible = causal(s, t).expand(b, s).int()
+    got = cpu.indexer_topk_cpu(q, weights, keys, k, visible)
+    assert fused_calls and all(fused_calls)
+    assert torch.equal(got, indexer_topk_reference(q, weights, keys, k, visible))
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch):
+    def broken(function, **options):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(cpu, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    q, weights, keys = official_inputs(1, 100, 8, 64, 40, seed=4)
+    visible = causal(100, 40)[None].int()
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        got = cpu.indexer_topk_cpu(q, weights, keys, 8, visible)
+    assert torch.equal(got, indexer_topk_reference(q, weights, keys, 8, visible))
+    assert cpu.FUSE_EPILOGUE is False  # one warning, then the eager passes for the process

@@ -69,20 +69,33 @@ def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
     """q [b, n, hi, di], weights [b, n, hi], keys [b, t, di] -> fp32 [b, n, t], the values of
     `indexer.index_scores`: per-head products rounded to q.dtype, summed over heads in fp32.
 
-    One GEMM for all heads; ReLU and weighting in place; the sum over the head axis adds the heads
-    in order, in fp32 (a bf16 sum accumulates in fp32 and rounds once), so the values are bit for
-    bit those of the per-head loop. `workspace`: a flat q.dtype buffer of at least b*n*hi*t
-    elements for the per-head products, reused across tiles (fresh large buffers cost page faults
-    on CPU). `out`: an fp32 [b, n, t] tensor (or view) to write the scores into."""
+    One GEMM for all heads; ReLU and weighting in place; then `head_sum` adds the heads in order in
+    fp32 (and a bf16 total is rounded once), so the values are bit for bit those of the per-head
+    loop. `workspace`: a flat q.dtype buffer of at least b*n*hi*t elements for the per-head
+    products, reused across tiles (fresh large buffers cost page faults on CPU). `out`: an fp32
+    [b, n, t] tensor (or view) to write the scores into."""
     b, n, hi, di = q.shape
     t = keys.size(1)
     products = None if workspace is None else workspace[: b * n * hi * t].view(b, n * hi, t)
     per_head = torch.matmul(q.reshape(b, n * hi, di), keys.transpose(1, 2), out=products)
     per_head = per_head.view(b, n, hi, t).clamp_min_(0).mul_(weights[..., None])  # relu, weight
+    total = head_sum(per_head, out if q.dtype == torch.float32 else None)
     if q.dtype != torch.float32:
-        total = per_head.sum(dim=2).float()  # a bf16 sum: fp32 accumulation, rounded once
+        total = total.to(q.dtype).float()  # a bf16 score: the fp32 sum rounded once
         return total if out is None else out.copy_(total)
-    return per_head.sum(dim=2) if out is None else torch.sum(per_head, dim=2, out=out)
+    return total
+
+
+def head_sum(per_head: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """per_head [b, n, hi, t] -> fp32 [b, n, t]: head 0 + head 1 + ... in that order, each addition
+    rounded to fp32 (`indexer.index_scores`' loop). Not `per_head.sum(dim=2)`: torch's CPU sum adds
+    a row's vectorised columns in order but its last few columns (past a multiple of the vector
+    width) another way, so its bits would depend on where a tile's columns end."""
+    total = torch.empty(per_head[:, :, 0].shape, device=per_head.device) if out is None else out
+    total.copy_(per_head[:, :, 0])
+    for h in range(1, per_head.size(2)):
+        total.add_(per_head[:, :, h])
+    return total
 
 
 def best_values(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,31 +163,35 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     return tiled_topk(score, b, s, hi, keys.size(1), k, visible, query_block, q.device)
 
 
-def tile_sizes(b: int, s: int, hi: int, n_keys: int, query_block: int | None) -> tuple[int, int, int]:
-    """(queries per tile, keys per GEMM, queries per top-k call) of `tiled_topk`."""
+def tile_sizes(b: int, s: int, hi: int, n_keys: int, query_block: int | None,
+               score_tile: int | None = None) -> tuple[int, int, int]:
+    """(queries per tile, keys per GEMM, queries per top-k call) of `tiled_topk`; `score_tile`:
+    per-head products per GEMM (default SCORE_TILE)."""
     tile = min(s, query_block or max(1, QUERY_TILE // b))
-    chunk = max(MIN_KEY_CHUNK, SCORE_TILE // (b * max(tile, 1) * hi) // 8 * 8)
+    chunk = max(MIN_KEY_CHUNK, (score_tile or SCORE_TILE) // (b * max(tile, 1) * hi) // 8 * 8)
     # A group of tiles shares one top-k call (fewer, larger calls); its scores fit TOPK_GROUP.
     group = query_block or tile * max(1, TOPK_GROUP // max(1, b * tile * n_keys))
     return tile, chunk, group
 
 
-def tile_products(b: int, s: int, hi: int, n_keys: int, query_block: int | None) -> int:
+def tile_products(b: int, s: int, hi: int, n_keys: int, query_block: int | None,
+                  score_tile: int | None = None) -> int:
     """Per-head products of one tile's GEMM at most: the workspace a scoring function needs."""
-    tile, chunk, _ = tile_sizes(b, s, hi, n_keys, query_block)
+    tile, chunk, _ = tile_sizes(b, s, hi, n_keys, query_block, score_tile)
     return b * tile * hi * min(chunk, n_keys)
 
 
 def tiled_topk(score, b: int, s: int, hi: int, n_keys: int, k: int, visible: torch.Tensor,
-               query_block: int | None, device) -> torch.Tensor:
+               query_block: int | None, device, score_tile: int | None = None) -> torch.Tensor:
     """The top-k of every query, the scores computed a tile at a time by `score(rows, cols, out)`
     (queries `rows`, entries `cols`, fp32 [b, rows, cols] written into `out`), only where a tile's
     queries can see; entry ids [b, s, k] int32. Shared by this reference and the int8 route, so both
-    fill the same tiles in the same order."""
+    fill the same tiles in the same order (the tile size changes the work's grouping, never a score
+    or a pick: each score is computed alone, and `top_entries` depends only on the scores)."""
     picks = torch.full((b, s, k), -1, dtype=torch.int32, device=device)
     if k == 0 or s == 0:
         return picks
-    tile, chunk, group = tile_sizes(b, s, hi, n_keys, query_block)
+    tile, chunk, group = tile_sizes(b, s, hi, n_keys, query_block, score_tile)
     for g in range(0, s, group):
         seen = visible[:, g:g + group].long()  # [b, n]
         n_cols = int(seen.max())  # no query of the group sees past this entry

@@ -1,13 +1,16 @@
-"""The CPU indexer's int8 route against its fp32 route, in one process: a CSA layer's prefill with
-quant="official", and the indexer op alone, interleaved so that both see the same host.
+"""The CPU indexer's routes in one process: fp32 GEMMs, exact int8 GEMMs, and int8 GEMMs with the
+fused epilogue; a CSA layer's prefill with quant="official" and the indexer op alone, interleaved
+so that every route sees the same host.
 
-    python benchmarks/ab_indexer_int8.py                    # 32K tokens, 3 rounds
-    python benchmarks/ab_indexer_int8.py --length 8192 --rounds 2
+    python benchmarks/ab_indexer.py                    # 32K tokens, 3 rounds
+    python benchmarks/ab_indexer.py --length 8192 --rounds 2
 
-Each round times the fp32 route (`ops.indexer_topk.cpu.USE_INT8 = False`: the reference's fp32
-GEMMs) and the int8 route (exact int8 GEMMs, see ops/indexer_topk/cpu.py) back to back, in
-alternating order, and checks that the layer outputs and the picks are bit-identical. Shapes: the
-"small" preset's CSA layer (8 x 64 indexer, top-64, ratio 4), batch 1, fp32.
+Routes (ops/indexer_topk/cpu.py): "fp32" (`USE_INT8 = False`, `FUSE_EPILOGUE = False`: the
+reference's fp32 GEMMs and eager passes), "int8" (exact int8 GEMMs, eager ReLU / weighting / head
+sum) and "int8+fused" (the same GEMMs, the epilogue compiled into one loop: the default). Each
+round runs them back to back in a rotating order and checks that the layer outputs and the picks
+are bit-identical. Shapes: the "small" preset's CSA layer (8 x 64 indexer, top-64, ratio 4),
+batch 1, fp32.
 """
 
 from __future__ import annotations
@@ -58,32 +61,40 @@ def main(argv=None) -> int:
     keys = FP4Keys.quantize(hadamard_rotate(torch.randn(1, t, di)))
     visible = ((torch.arange(s) + 1) // cfg.csa_ratio)[None].int()
 
-    print(f"# ab_indexer_int8.py, {time.strftime('%Y-%m-%d')}, {cpu_name()}, torch {torch.__version__}, "
+    print(f"# ab_indexer.py, {time.strftime('%Y-%m-%d')}, {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | small CSA layer, quant official, {args.length} tokens, "
-          f"batch 1, fp32 | {args.rounds} rounds, routes alternating")
-    times = {("layer", False): [], ("layer", True): [], ("op", False): [], ("op", True): []}
+          f"batch 1, fp32 | {args.rounds} rounds, routes rotating")
+    routes = {"fp32": (False, False), "int8": (True, False), "int8+fused": (True, True)}
+    times = {(what, route): [] for what in ("layer", "op") for route in routes}
+
+    def take(route: str) -> None:
+        cpu.USE_INT8, cpu.FUSE_EPILOGUE = routes[route]
+
     with torch.no_grad():
-        for use in (False, True):  # warm-up
-            cpu.USE_INT8 = use
-            layer(x[:, :2048])
+        for route in routes:  # warm-up (and the fused epilogue's compilation)
+            take(route)
+            layer(x[:, :4096])
+        names = list(routes)
         for r in range(args.rounds):
             outs = {}
-            for use in ((False, True) if r % 2 == 0 else (True, False)):
-                cpu.USE_INT8 = use
-                seconds, outs[("layer", use)] = timed(lambda: layer(x))
-                times[("layer", use)].append(seconds)
-                seconds, outs[("op", use)] = timed(lambda: indexer_topk(q, weights, keys, cfg.index_topk,
-                                                                      visible))
-                times[("op", use)].append(seconds)
+            for route in names[r % 3:] + names[:r % 3]:
+                take(route)
+                seconds, outs[("layer", route)] = timed(lambda: layer(x))
+                times[("layer", route)].append(seconds)
+                seconds, outs[("op", route)] = timed(lambda: indexer_topk(q, weights, keys, cfg.index_topk,
+                                                                        visible))
+                times[("op", route)].append(seconds)
             for what in ("layer", "op"):
-                if not torch.equal(outs[(what, False)], outs[(what, True)]):
+                if not all(torch.equal(outs[(what, "fp32")], outs[(what, route)]) for route in routes):
                     print(f"error: the {what}'s output differs between the routes", file=sys.stderr)
                     return 1
-    cpu.USE_INT8 = cpu.int8_gemm_is_fast()
-    print(f"{'':<26}{'fp32 route s':>14}{'int8 route s':>14}{'speed-up':>10}")
+    cpu.USE_INT8, cpu.FUSE_EPILOGUE = cpu.int8_gemm_is_fast(), True
+    print(f"{'':<22}" + "".join(f"{route + ' s':>14}" for route in routes) + f"{'fused / fp32':>14}"
+          f"{'fused / int8':>14}")
     for what, name in (("layer", "CSA layer prefill"), ("op", "indexer_topk op")):
-        a, b = statistics.median(times[(what, False)]), statistics.median(times[(what, True)])
-        print(f"{name:<26}{a:>14.3f}{b:>14.3f}{a / b:>9.2f}x")
+        med = {route: statistics.median(times[(what, route)]) for route in routes}
+        print(f"{name:<22}" + "".join(f"{med[route]:>14.3f}" for route in routes)
+              + f"{med['int8+fused'] / med['fp32']:>13.2f}x{med['int8+fused'] / med['int8']:>13.2f}x")
     print("outputs and picks: bit-identical in every round")
     return 0
 
