@@ -126,7 +126,8 @@ FUSED_SCORE_TILE = 1 << 21
 _compiled: dict[str, object] = {}
 
 
-def head_sum_int8(dots: torch.Tensor, weights: torch.Tensor, key_scale: torch.Tensor, out: torch.Tensor) -> None:
+def head_sum_int8(dots: torch.Tensor, weights: torch.Tensor, key_scale: torch.Tensor,
+                  out: torch.Tensor) -> None:
     """dots int32 [n, hi, t], weights [n, hi] (times 2^u_q), key_scale [t] -> out fp32 [n, t]:
     relu(dots_h) * w_h added over h in order, times the key's scale (`int8_block_scores`' eager
     passes, fused)."""
