@@ -212,23 +212,23 @@ def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, gro
     halo = halo_tokens(cfg)
     result = ContextParallelPrefill(None, [], points, rank, world)
     x = model.embed(tokens[:, lo:hi])
+    pieces = [(a, min(x.size(1), a + chunk)) for a in range(0, x.size(1), chunk)]
     for block in model.layers:
         layer = block.attn
-        h = block.attn_norm(x)
-        halos = _gather(h[:, -halo:], [halo] * world, group, result, layer.kind)
+        # The attention input is normalised a piece at a time, never for the whole chunk at once:
+        # a rank holds one [b, s_r, dim] tensor (x) however long its chunk.
+        halos = _gather(block.attn_norm(x[:, -halo:]), [halo] * world, group, result, layer.kind)
         state = state_from_halo(layer, halos[rank - 1] if rank else None, lo, tokens.size(0))
-        own = _own_rows(layer, h, lo, state)
+        own = _own_rows(layer, block.attn_norm, x, pieces, lo, state)
         for name, rows in own.items():
             counts = [_rows_in(layer, name, a, b) for a, b in zip(points, points[1:], strict=False)]
             parts = _gather(rows, counts, group, result, layer.kind)
             earlier = [t for t in parts[:rank] if t.size(1)]
             if earlier:
                 getattr(state, name).append(torch.cat(earlier, dim=1))
-        for a in range(0, x.size(1), chunk):  # the chunk streamed in pieces: temporaries stay small
-            e = min(x.size(1), a + chunk)
-            x[:, a:e] += layer(h[:, a:e], state=state)
+        for a, e in pieces:  # the chunk streamed in pieces: temporaries stay small
+            x[:, a:e] += layer(block.attn_norm(x[:, a:e]), state=state)
             x[:, a:e] += block.ffn(block.ffn_norm(x[:, a:e]))
-        del h
         result.states.append(state)
     if last_logits_only:
         x = x[:, -1:]
@@ -236,19 +236,27 @@ def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, gro
     return result
 
 
-def _own_rows(layer: HybridAttention, h: torch.Tensor, start: int, state: LayerState) -> dict:
+def _own_rows(layer: HybridAttention, norm, x: torch.Tensor, pieces: list[tuple[int, int]], start: int,
+              state: LayerState) -> dict:
     """What this rank's chunk contributes to the later ranks' states: its compressed entries and
-    indexer keys (pooled from `state`'s pending rows on), or a "full" layer's KV rows."""
-    freqs = layer._freqs.to(h.device)
-    if layer.kind == "full":
-        return {"kv": layer._kv_rows(h, torch.arange(start, start + h.size(1), device=h.device), freqs)}
-    rows = {}
-    if layer.compressor is not None:
-        rows["compressed"], _ = layer.compressor(h, start, state.compressor, freqs, layer.cfg.quant)
-    if layer.indexer is not None:
-        rows["index_keys"], _ = layer.indexer.compressor(h, start, state.index_compressor, freqs,
-                                                         layer.cfg.quant)
-    return rows
+    indexer keys (pooled from `state`'s pending rows on, `state` unchanged), or a "full" layer's KV
+    rows; the attention input norm(x) is made a piece at a time."""
+    freqs = layer._freqs.to(x.device)
+    pending = {"compressed": state.compressor, "index_keys": state.index_compressor}
+    compressors = {"compressed": layer.compressor,
+                   "index_keys": layer.indexer.compressor if layer.indexer is not None else None}
+    rows: dict[str, list[torch.Tensor]] = {}
+    for a, e in pieces:
+        h = norm(x[:, a:e])
+        if layer.kind == "full":
+            positions = torch.arange(start + a, start + e, device=x.device)
+            rows.setdefault("kv", []).append(layer._kv_rows(h, positions, freqs))
+            continue
+        for name, compressor in compressors.items():
+            if compressor is not None:
+                entries, pending[name] = compressor(h, start + a, pending[name], freqs, layer.cfg.quant)
+                rows.setdefault(name, []).append(entries)
+    return {name: torch.cat(parts, dim=1) for name, parts in rows.items()}
 
 
 def _rows_in(layer: HybridAttention, name: str, a: int, b: int) -> int:
