@@ -113,8 +113,9 @@ def int8_operands(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor):
     return q_ints, scaled_weights, k_ints, _pow2(u_k)
 
 
-# The fused epilogue (module docstring): on for tiles of at least FUSED_PRODUCTS per-head products
-# (smaller calls, such as a decode step's, do not pay for the compiled call's guards) and at most
+# The fused epilogue (module docstring): on for calls of at least MIN_QUERY_ROWS query rows and tiles
+# of at least FUSED_PRODUCTS per-head products (a decode step's few rows do not pay for the
+# compiled call's guards, nor for a compilation of their own shapes) and at most
 # FUSED_HEADS heads (the compile time grows with them).
 FUSE_EPILOGUE = True
 FUSED_PRODUCTS = 1 << 15
@@ -214,7 +215,7 @@ def indexer_topk_cpu(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor 
     use = USE_INT8 and k and s and b * s * q.size(2) >= MIN_QUERY_ROWS
     operands = int8_operands(q, weights, keys) if use else None
     if operands is None:
-        if q.dtype == torch.float32 and FUSE_EPILOGUE:
+        if q.dtype == torch.float32 and FUSE_EPILOGUE and b * s * q.size(2) >= MIN_QUERY_ROWS:
             return _fp32_topk(q, weights, keys, k, visible, query_block)
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
     q_ints, scaled_weights, k_ints, k_scale = operands
