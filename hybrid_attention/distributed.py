@@ -25,6 +25,7 @@ rank; compressed entries, d per entry (CSA, HCA) plus index_head_dim per indexer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -189,11 +190,14 @@ def _count(book: dict[str, int], kind: str, elements: int) -> None:
 @torch.no_grad()
 def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, group=None,
                              points: list[int] | None = None, chunk: int = 4096,
-                             last_logits_only: bool = False) -> ContextParallelPrefill:
+                             last_logits_only: bool = False,
+                             progress: Callable[[int, int], None] | None = None) -> ContextParallelPrefill:
     """Prefill tokens [b, s] (the whole prompt, the same on every rank) split over the ranks of
     `group` (default: the whole world). See the module docstring. Each rank streams its chunk
     through a layer `chunk` tokens at a time (the streaming path, equal to one call);
-    `last_logits_only`: the logits of the chunk's last token only ([b, 1, vocab]), for generation."""
+    `last_logits_only`: the logits of the chunk's last token only ([b, 1, vocab]), for generation;
+    `progress(done, total)`: called after each piece with this rank's work done so far, in tokens
+    of its chunk averaged over the layers (total: its chunk's length)."""
     if not dist.is_initialized():
         raise RuntimeError("context_parallel_prefill needs torch.distributed initialised "
                            "(run under torchrun, then dist.init_process_group)")
@@ -229,6 +233,8 @@ def context_parallel_prefill(model: HybridTransformer, tokens: torch.Tensor, gro
         for a, e in pieces:  # the chunk streamed in pieces: temporaries stay small
             x[:, a:e] += layer(block.attn_norm(x[:, a:e]), state=state)
             x[:, a:e] += block.ffn(block.ffn_norm(x[:, a:e]))
+            if progress is not None:
+                progress((layer.layer_id * x.size(1) + e) // len(model.layers), x.size(1))
         result.states.append(state)
     if last_logits_only:
         x = x[:, -1:]
@@ -278,7 +284,7 @@ def run_generate(args) -> int:
     import time
 
     from .cli import UsageError
-    from .generate import load_checkpoint, model_configs, peak_resident_memory
+    from .generate import Progress, load_checkpoint, model_configs, peak_resident_memory
     from .planner import human_bytes
     from .train import init_distributed
 
@@ -301,7 +307,18 @@ def run_generate(args) -> int:
                           for _ in range(args.batch)]).to(run.device)
     dist.barrier()
     began = time.perf_counter()
-    result = context_parallel_prefill(model, tokens, chunk=args.prefill_chunk, last_logits_only=True)
+    # One progress line, drawn by the rank that reports and decodes (the last): its own chunk's share.
+    points = split_points(args.prompt_len, run.world, cfg.attention)
+    bar = None
+    if run.rank == run.world - 1 and not args.no_progress:
+        mine = args.batch * (points[run.rank + 1] - points[run.rank])
+        bar = Progress(f"context-parallel prefill, rank {run.rank} of {run.world}", mine, 0,
+                       stream=sys.stderr)
+    result = context_parallel_prefill(
+        model, tokens, points=points, chunk=args.prefill_chunk, last_logits_only=True,
+        progress=None if bar is None else lambda done, total: bar.prefill(0, args.batch * done, 0))
+    if bar is not None:
+        bar.close()
     prefill_s = time.perf_counter() - began
     mine = {"rank": run.rank, "tokens": result.points[run.rank:run.rank + 2], "prefill_s": prefill_s,
             "peak_rss_bytes": peak_resident_memory(), "sent": result.sent, "received": result.received}

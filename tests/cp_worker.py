@@ -18,9 +18,11 @@ def main(out: str, seq_len: int, new_tokens: int, points: str, chunk: int) -> No
     model = HybridTransformer(cfg).eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
     split = [int(p) for p in points.split(",")] if points else None
-    result = context_parallel_prefill(model, tokens, points=split, chunk=chunk)
+    calls = []
+    result = context_parallel_prefill(model, tokens, points=split, chunk=chunk,
+                                      progress=lambda done, total: calls.append((done, total)))
     saved = {"logits": result.logits, "points": result.points, "sent": result.sent,
-             "received": result.received}
+             "received": result.received, "progress": calls}
     if rank == world - 1:
         states, generated = result.states, []
         nxt = result.logits[:, -1].argmax(-1, keepdim=True)

@@ -63,6 +63,11 @@ def test_context_parallel_prefill_equals_one_process(tmp_path, ranks, points, ch
         assert bounds == split_points(SEQ, ranks, TINY.attention)
     for r, result in enumerate(results):
         assert_close(f"rank {r} logits", logits[:, bounds[r]:bounds[r + 1]], result["logits"])
+        # progress: one call per piece and layer, rising to the chunk's length
+        mine = bounds[r + 1] - bounds[r]
+        done = [d for d, total in result["progress"] if total == mine]
+        assert len(done) == len(result["progress"]) == TINY.attention.n_layers * -(-mine // chunk)
+        assert done == sorted(done) and done[-1] == mine
     last = results[-1]
     assert torch.equal(last["generated"], generated)
     for layer_id, (state, saved) in enumerate(zip(states, last["states"], strict=True)):
@@ -127,14 +132,17 @@ def test_generate_context_parallel_gives_the_single_process_tokens(tmp_path, cap
               "--batch", "2", "--quant", quant, "--cache-gib", "0.0625", "--json", "--no-progress"]
     assert main(common + ["--no-baseline"]) == 0
     single = json.loads(capsys.readouterr().out)["models"][0]["tokens"]
+    drawn = [a for a in common if a != "--no-progress"]  # the progress line is checked below
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "hybrid_attention.cli"] + common + ["--context-parallel"]
+               "-m", "hybrid_attention.cli"] + drawn + ["--context-parallel"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout)
     assert report["tokens"] == single
+    mine = 2 * (length - split_points(length, 2, TINY.attention)[1])  # the last rank's tokens x batch
+    assert f"context-parallel prefill, rank 1 of 2: prefill [{'#' * 24}] {mine}/{mine} tokens" in done.stderr
     assert report["points"] == split_points(length, 2, TINY.attention) and len(report["ranks"]) == 2
     for rank in report["ranks"]:
         assert rank["sent"] == report["formula_elements"]["sent"]
