@@ -2,12 +2,12 @@
 
 At DeepSeek-V4-Flash attention shapes, in one command, written to one markdown report (and printed):
 
-    bash benchmarks/gpu_session.sh                              # all four parts, about 8 min (H100 / H200)
+    bash benchmarks/gpu_session.sh                              # all five parts, about 8 min (H100 / H200)
     bash benchmarks/gpu_session.sh --parts kernels              # the correctness checks alone
     bash benchmarks/gpu_session.sh --budget million=240         # give one part more time
     bash benchmarks/gpu_session.sh --cpu-smoke --out /tmp/x.md  # the same code path on a CPU, toy shapes
 
-The four parts, each under its own time budget (`--budget PART=SECONDS`):
+The five parts, each under its own time budget (`--budget PART=SECONDS`):
   kernels  every Triton kernel against its torch reference (ops/*/reference.py), at V4-Flash shapes:
            sparse_attention (forward, backward, FP8 KV), indexer_topk (prefill, decode with the entries
            split and merged), compress (CSA with overlap, HCA), within bounds after the tests' (TOLERANCES)
@@ -19,6 +19,9 @@ The four parts, each under its own time budget (`--budget PART=SECONDS`):
            peaks measured at start-up
   train    forward + backward of one CSA, HCA and window layer and of dense SDPA at 32K and 64K
            tokens: `bench_train.py`'s steps, on the GPU under bf16 autocast
+  context  a context-parallel prefill of the "small" model over 2 processes (`cp_check.py` under
+           torchrun) against one process on the same device: NCCL with a GPU per rank where the
+           machine has 2 GPUs; on one GPU both ranks share it and exchange through gloo (host memory)
 
 A row that fails (out of memory, a compile error) shows the error's first line and the part goes on;
 a part that runs past its budget is stopped at its next return to Python (a GPU call in flight
@@ -82,10 +85,10 @@ from hybrid_attention.quant import fake_quant_fp4
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
-PARTS = ("kernels", "layers", "million", "train")
+PARTS = ("kernels", "layers", "million", "train", "context")
 # Seconds per part on the GPU: 440 of the session's 480, the rest for start-up (CUDA, the peaks) and
 # a row that overruns in a GPU call. The kernel checks compile most of the Triton kernels.
-GPU_BUDGETS = {"kernels": 110.0, "layers": 140.0, "million": 110.0, "train": 80.0}
+GPU_BUDGETS = {"kernels": 110.0, "layers": 125.0, "million": 100.0, "train": 70.0, "context": 35.0}
 SMOKE_BUDGETS = {part: 60.0 for part in PARTS}
 
 # Bounds of the kernel checks, after the tests' (tests/conftest.py, tests/test_ops_*.py): errors are
@@ -114,6 +117,8 @@ class Sizes:
     decode_check_batch: int
     layer_lengths: tuple[int, ...]  # part "layers": prefill lengths and decode contexts
     million: int  # part "million"
+    context_preset: str  # part "context": the model and prompt of the 2-process prefill
+    context_length: int
     train_lengths: tuple[int, ...]
     decode_batch: int  # parts "layers" and "million": sequences decoded together
     chunk: int  # prefill queries per chunk (bench_kernels_gpu.prefill)
@@ -123,10 +128,12 @@ class Sizes:
 
 GPU_SIZES = Sizes(check_queries=2048, check_context=32768, index_queries=1024, decode_context=131072,
                   decode_check_batch=4, layer_lengths=(32768, 131072), million=1 << 20,
+                  context_preset="small", context_length=65536,
                   train_lengths=(32768, 65536), decode_batch=16, chunk=65536, train_preset="v4-flash",
                   train_rounds=1)
 SMOKE_SIZES = Sizes(check_queries=32, check_context=128, index_queries=16, decode_context=256,
                     decode_check_batch=2, layer_lengths=(128, 256), million=512, train_lengths=(64, 128),
+                    context_preset="tiny", context_length=300,
                     decode_batch=2, chunk=64, train_preset="tiny", train_rounds=1)
 
 
@@ -861,6 +868,59 @@ def part_train(session: Session, clock: PartClock) -> list[str]:
     return lines + [""]
 
 
+def part_context(session: Session, clock: PartClock) -> list[str]:
+    sizes = session.sizes
+    gpus = torch.cuda.device_count() if session.cuda else 0
+    ranks = 2
+    report, reason = attempt(session, clock, f"context-parallel prefill over {ranks} processes",
+                             lambda: _context_check(session, clock, ranks))
+    setup = ("CPU, gloo" if not session.cuda else f"{ranks} GPUs, NCCL" if gpus >= ranks
+             else "one GPU shared by both ranks, gloo (the exchange through host memory)")
+    lines = ["## 5. Context-parallel prefill over 2 processes", "",
+             f"`cp_check.py` under `torchrun --nproc-per-node {ranks}`: the `{sizes.context_preset}` model, "
+             f"fp32, a {sizes.context_length}-token prompt split by `distributed.split_points`; {setup}. "
+             "Each rank compares its chunk's logits (the last rank also every layer's state) with the whole "
+             "prompt prefilled by one process on the same device. Peak: the CUDA allocator's (CPU: the "
+             "resident set).", ""]
+    if report is None:
+        return lines + [f"Not run: {reason}", ""]
+    rows = [[r["rank"], r["device"], str(r["tokens"]), f"{r['prefill_s']:.3f}", fmt_gib(r["peak_bytes"]),
+             f"{r['logits_error']:.1e}", "-" if r["states_error"] is None else f"{r['states_error']:.1e}",
+             "yes" if r["sent"] == report["formula_elements"]["sent"] else "NO"] for r in report["ranks"]]
+    lines += markdown_table(["rank", "device", "tokens", "prefill s", "peak GiB", "logits max err / RMS",
+                             "states max err / RMS", "bytes = formula"], rows)
+    verdict = "within" if report["ok"] else "NOT within"
+    return lines + ["", f"Backend {report['backend']}; {verdict} the tolerance {report['tolerance']:g}.", ""]
+
+
+def _context_check(session: Session, clock: PartClock, ranks: int) -> dict:
+    """Run cp_check.py under torchrun in its own process group (killed with it when the part's
+    budget runs out) and return rank 0's report."""
+    import json
+    import tempfile
+
+    sizes = session.sizes
+    with tempfile.TemporaryDirectory(prefix="gpu_session_cp_") as folder:
+        out = Path(folder) / "cp.json"
+        device = "cuda" if session.cuda else "cpu"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(ranks), str(ROOT / "benchmarks" / "cp_check.py"), "--device", device,
+                   "--preset", sizes.context_preset, "--length", str(sizes.context_length), "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 start_new_session=True)
+        try:
+            _, err = child.communicate(timeout=max(1.0, clock.budget_s - clock.elapsed()))
+        except BaseException:  # the budget's alarm or the timeout: the whole torchrun group goes
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+        if not out.exists():
+            raise RuntimeError(f"cp_check.py wrote no report (exit {child.returncode}): "
+                               + (err.strip().splitlines() or ["no output"])[-1])
+        return json.loads(out.read_text())
+
+
 def _train_step(session: Session, cfg, layers: dict, name: str, length: int) -> tuple[float, int | None]:
     """(median seconds, peak bytes) of bench_train's step `name` (dense SDPA or a layer kind) at
     `length` tokens. A warm-up step first compiles and measures the memory. On the GPU the step runs
@@ -1016,7 +1076,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-PART_RUNNERS = {"kernels": part_kernels, "layers": part_layers, "million": part_million, "train": part_train}
+PART_RUNNERS = {"kernels": part_kernels, "layers": part_layers, "million": part_million, "train": part_train,
+                "context": part_context}
 
 
 def main(argv=None) -> int:

@@ -174,13 +174,16 @@ def _gather(part: torch.Tensor, lengths: list[int], group, book: ContextParallel
     """Every rank's [b, n_r, w] rows (n_r = lengths[r]), padded to the longest for all_gather;
     the elements moved are added to `book`."""
     longest = max(lengths)
-    padded = part.new_zeros(part.size(0), longest, part.size(2))
+    # gloo gathers host tensors only: ranks that share one GPU (NCCL wants a GPU per rank) exchange
+    # through host memory; NCCL gathers CUDA tensors where they are.
+    through_host = part.is_cuda and dist.get_backend(group) == "gloo"
+    padded = part.new_zeros(part.size(0), longest, part.size(2), device="cpu" if through_host else None)
     padded[:, :part.size(1)] = part
     out = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(out, padded.contiguous(), group=group)
     _count(book.sent, kind, padded.numel())
     _count(book.received, kind, sum(t.numel() for t in out))
-    return [t[:, :n] for t, n in zip(out, lengths, strict=True)]
+    return [t[:, :n].to(part.device) for t, n in zip(out, lengths, strict=True)]
 
 
 def _count(book: dict[str, int], kind: str, elements: int) -> None:
