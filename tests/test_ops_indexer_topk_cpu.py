@@ -189,6 +189,14 @@ def test_the_fused_epilogues_equal_the_eager_passes_bit_for_bit(heads):
     fused = cpu.fused(cpu.head_sum_fp32, heads, n * heads * t)
     assert cpu.run_fused(fused, products, weights, out)
     assert torch.equal(out, eager_head_sum(products, weights))
+    # bf16: each weighted product and the total rounded to bf16, as block_scores' bf16 ops round
+    q = torch.randn(1, n, heads, 64, generator=g).bfloat16()
+    keys = torch.randn(1, t, 64, generator=g).bfloat16()
+    w16 = weights.bfloat16()[None]
+    products = torch.matmul(q.reshape(1, n * heads, 64), keys.transpose(1, 2)).view(n, heads, t)
+    fused = cpu.fused(cpu.head_sum_bf16, heads, n * heads * t)
+    assert cpu.run_fused(fused, products, w16[0], out)
+    assert torch.equal(out, block_scores(q, w16, keys)[0])
 
 
 def test_the_head_sum_adds_the_heads_in_order_in_every_column():
@@ -221,14 +229,16 @@ def test_many_heads_keep_the_eager_passes():
     (2, 129, 4, 128, 40, 7),
     (3, 50, 2, 64, 600, 5),
 ])
-def test_the_fp32_route_with_the_fused_epilogue_equals_the_reference(monkeypatch, b, s, heads, d, t, k):
-    # quant="none" values: full fp32 mantissas, so int8 cannot apply and the fp32 GEMM runs.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fp32_and_bf16_routes_with_the_fused_epilogue_equal_the_reference(monkeypatch, b, s, heads, d, t,
+                                                                               k, dtype):
+    # quant="none" values: full mantissas, so int8 cannot apply and the fp32 (or bf16) GEMM runs.
     fused_calls = []
     original = cpu.run_fused
     monkeypatch.setattr(cpu, "run_fused", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
     g = torch.Generator().manual_seed(b * s)
-    q, keys = torch.randn(b, s, heads, d, generator=g), torch.randn(b, t, d, generator=g)
-    weights = torch.randn(b, s, heads, generator=g)
+    q, keys = torch.randn(b, s, heads, d, generator=g).to(dtype), torch.randn(b, t, d, generator=g).to(dtype)
+    weights = torch.randn(b, s, heads, generator=g).to(dtype)
     visible = causal(s, t).expand(b, s).int()
     got = cpu.indexer_topk_cpu(q, weights, keys, k, visible)
     assert fused_calls and all(fused_calls)

@@ -28,8 +28,10 @@ for twice that tile): the same operations on the same values, each product round
 heads added in order in fp32 (`reference.head_sum`), so the scores are bit-identical to the eager
 ones (tested for 1-64 heads). The heads are unrolled in the compiled loop, so its compile time
 grows with them (3 s for 8 heads, 22 s for 64); past FUSED_HEADS the eager passes run. The fp32
-route (quant="none" models) gets the same fused epilogue after its fp32 GEMM. Where compiling is
-not possible (no C++ compiler) the eager passes run, after one warning (`FUSE_EPILOGUE`).
+and bf16 routes (quant="none" models; bf16 models) get the same fused epilogue after their GEMM
+(`head_sum_fp32`, `head_sum_bf16`, which rounds each weighted product and the total to bf16 where
+the eager bf16 ops do). Where compiling is not possible (no C++ compiler) the eager passes run,
+after one warning (`FUSE_EPILOGUE`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,21 @@ def head_sum_fp32(products: torch.Tensor, weights: torch.Tensor, out: torch.Tens
     out.copy_(total)
 
 
+def head_sum_bf16(products: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """products bf16 [n, hi, t], weights bf16 [n, hi] -> out fp32 [n, t]: relu(products_h) * w_h
+    rounded to bf16 (as a bf16 multiply rounds), added over h in order in fp32, the total rounded
+    to bf16 once (`reference.block_scores` of bf16 inputs after its GEMM, fused). The explicit
+    casts are the eager roundings; the compile keeps them (`emulate_precision_casts`)."""
+    def term(h: int) -> torch.Tensor:
+        value = products[:, h].float().clamp_min(0) * weights[:, h, None].float()
+        return value.to(torch.bfloat16).float()
+
+    total = term(0)
+    for h in range(1, products.size(1)):
+        total = total + term(h)
+    out.copy_(total.to(torch.bfloat16).float())
+
+
 def fused(function, heads: int, products: int):
     """The compiled `function`, or None where the eager passes run: fusing off, too few products
     or too many heads, inside another compilation, or compiling failed once in this process."""
@@ -157,7 +174,9 @@ def fused(function, heads: int, products: int):
     if name not in _compiled:
         # Not fullgraph: past dynamo's recompile limit (a process that meets many head counts) the
         # function's own body runs eagerly, the same additions in the same order.
-        _compiled[name] = torch.compile(function, dynamic=True)
+        # emulate_precision_casts: an explicit cast to bf16 rounds, as in eager (else the compiled
+        # loop may keep the fp32 value).
+        _compiled[name] = torch.compile(function, dynamic=True, options={"emulate_precision_casts": True})
     return _compiled[name]
 
 
@@ -215,8 +234,8 @@ def indexer_topk_cpu(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor 
     use = USE_INT8 and k and s and b * s * q.size(2) >= MIN_QUERY_ROWS
     operands = int8_operands(q, weights, keys) if use else None
     if operands is None:
-        if q.dtype == torch.float32 and FUSE_EPILOGUE and b * s * q.size(2) >= MIN_QUERY_ROWS:
-            return _fp32_topk(q, weights, keys, k, visible, query_block)
+        if q.dtype in _HEAD_SUMS and FUSE_EPILOGUE and b * s * q.size(2) >= MIN_QUERY_ROWS:
+            return _fused_topk(q, weights, keys, k, visible, query_block)
         return indexer_topk_reference(q, weights, keys, k, visible, query_block)
     q_ints, scaled_weights, k_ints, k_scale = operands
     score_tile = _score_tile(q.size(2))
@@ -236,17 +255,19 @@ def _score_tile(heads: int) -> int | None:
     return FUSED_SCORE_TILE if FUSE_EPILOGUE and heads <= FUSED_HEADS else None
 
 
-def _fp32_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, k: int, visible: torch.Tensor,
-               query_block: int | None) -> torch.Tensor:
-    """The reference's fp32 route (its GEMM, tiles and top-k), each tile's epilogue fused."""
+def _fused_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, k: int, visible: torch.Tensor,
+                query_block: int | None) -> torch.Tensor:
+    """The reference's route for fp32 or bf16 queries (its GEMM, tiles and top-k), each tile's
+    epilogue fused."""
     b, s, hi = q.shape[:3]
+    head_sum_fused = _HEAD_SUMS[q.dtype]
     score_tile = _score_tile(hi)
     workspace = q.new_empty(tile_products(b, s, hi, keys.size(1), query_block, score_tile))
 
     def score(rows: slice, cols: slice, out: torch.Tensor) -> None:
         q_tile, w_tile, k_tile = q[:, rows], weights[:, rows], keys[:, cols]
         n, t = q_tile.size(1), k_tile.size(1)
-        compiled = fused(head_sum_fp32, hi, n * hi * t)
+        compiled = fused(head_sum_fused, hi, n * hi * t)
         if compiled is None:
             block_scores(q_tile, w_tile, k_tile, workspace, out=out)
             return
@@ -255,7 +276,9 @@ def _fp32_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, k: in
                                 out=workspace[: b * n * hi * t].view(b, n * hi, t))
         for i in range(b):
             if not run_fused(compiled, products[i].view(n, hi, t), w_tile[i], out[i]):
-                per_head = products[i].view(1, n, hi, t).clamp_min_(0).mul_(w_tile[i, :, :, None])
-                head_sum(per_head, out[i:i + 1])
+                block_scores(q_tile[i:i + 1], w_tile[i:i + 1], k_tile[i:i + 1], out=out[i:i + 1])
 
     return tiled_topk(score, b, s, hi, keys.size(1), k, visible, query_block, q.device, score_tile)
+
+
+_HEAD_SUMS = {torch.float32: head_sum_fp32, torch.bfloat16: head_sum_bf16}
