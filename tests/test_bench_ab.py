@@ -1,5 +1,5 @@
 """benchmarks/ab_indexer.py and ab_bf16.py keep running: small smoke runs print their tables,
-and the int8 A/B finds the two routes' outputs identical."""
+and the indexer A/B finds its three routes' outputs identical."""
 
 import sys
 from pathlib import Path
@@ -11,12 +11,13 @@ import ab_indexer  # noqa: E402
 from hybrid_attention.ops.indexer_topk import cpu  # noqa: E402
 
 
-def test_int8_ab_prints_both_routes_and_restores_the_default(capsys):
+def test_indexer_ab_prints_its_three_routes_and_restores_the_defaults(capsys):
     assert ab_indexer.main(["--length", "512", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "CSA layer prefill" in out and "indexer_topk op" in out
+    assert all(f"{route} s" in out for route in ("fp32", "int8", "int8+fused"))
     assert "bit-identical in every round" in out
-    assert cpu.USE_INT8 == cpu.int8_gemm_is_fast()
+    assert cpu.USE_INT8 == cpu.int8_gemm_is_fast() and cpu.FUSE_EPILOGUE
 
 
 def test_bf16_ab_prints_a_row_per_kind(capsys):
