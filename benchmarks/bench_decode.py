@@ -221,6 +221,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = demo_config(args.preset)
+    # Room for the longest context and every step each layer commits after it.
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max(args.contexts) + WARMUP + args.repeats))
     layers = {kind: HybridAttention(cfg, KINDS.index(kind)).eval() for kind in args.kinds}
     shared = args.dense_kv == "shared"
     dense_kv = ("one shared KV head (heads on the query axis)" if shared
