@@ -415,6 +415,12 @@ def init_distributed() -> Dist:
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local >= gpus:  # NCCL wants a GPU per rank
+            raise RuntimeError(f"local rank {local} has no GPU of its own ({gpus} visible): "
+                               f"start at most {gpus} processes per node, or hide the "
+                               "GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo; "
+                               "benchmarks/cp_check.py shares one GPU between ranks")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         backend = "nccl"
