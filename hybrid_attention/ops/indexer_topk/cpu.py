@@ -16,7 +16,8 @@ When it applies (checked on every call, nothing assumed): fp32 queries, every qu
 key row representable as above (`int8_rows`), d <= 1024, scales in fp32's normal range, and the
 weights times 2^u_q exact, and at least MIN_QUERY_ROWS query rows (a decode step's few rows do not
 pay for converting the keys). Anything else (bf16 models, quant="none", a row with an outlying block)
-runs the reference path, so the result never depends on which path ran. The int8 GEMM is
+runs the reference's own GEMM and tiles (with the fused epilogue below, on prefill-sized calls), so
+the result never depends on which path ran. The int8 GEMM is
 `torch._int_mm` (oneDNN's int8 kernels); it is used where the CPU has int8 dot-product
 instructions (`int8_gemm_is_fast`, read from /proc/cpuinfo at import; `USE_INT8`).
 
@@ -26,12 +27,12 @@ time (1.16 of 1.65 ms for 128 queries x 8 heads x 1024 keys, one thread). `head_
 `head_sum_fp32` write them as one expression that `torch.compile` turns into one loop (0.36 ms
 for twice that tile): the same operations on the same values, each product rounded once and the
 heads added in order in fp32 (`reference.head_sum`), so the scores are bit-identical to the eager
-ones (tested for 1-64 heads). The heads are unrolled in the compiled loop, so its compile time
-grows with them (3 s for 8 heads, 22 s for 64); past FUSED_HEADS the eager passes run. The fp32
-and bf16 routes (quant="none" models; bf16 models) get the same fused epilogue after their GEMM
-(`head_sum_fp32`, `head_sum_bf16`, which rounds each weighted product and the total to bf16 where
-the eager bf16 ops do). Where compiling is not possible (no C++ compiler) the eager passes run,
-after one warning (`FUSE_EPILOGUE`).
+ones (the tests cover 1-13 heads; 64 was checked by hand). The heads are unrolled in the
+compiled loop, so its compile time grows with them (3 s for 8 heads, 22 s for 64); past
+FUSED_HEADS the eager passes run. The fp32 and bf16 routes (quant="none" models; bf16 models)
+get the same fused epilogue after their GEMM (`head_sum_fp32`, `head_sum_bf16`, which rounds
+each weighted product and the total to bf16 where the eager bf16 ops do). Where compiling is not
+possible (no C++ compiler) the eager passes run, after one warning (`FUSE_EPILOGUE`).
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def head_sum(per_head: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     rounded to fp32 (`indexer.index_scores`' loop). Not `per_head.sum(dim=2)`: torch's CPU sum adds
     a row's vectorised columns in order but its last few columns (past a multiple of the vector
     width) another way, so its bits would depend on where a tile's columns end."""
-    total = torch.empty(per_head[:, :, 0].shape, device=per_head.device) if out is None else out
+    if out is None:
+        out = torch.empty(per_head[:, :, 0].shape, dtype=torch.float32, device=per_head.device)
+    total = out
     total.copy_(per_head[:, :, 0])
     for h in range(1, per_head.size(2)):
         total.add_(per_head[:, :, h])
