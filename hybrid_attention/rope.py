@@ -26,6 +26,8 @@ def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_
             raise ValueError(f"theta must be > 1 with YaRN (original_seq_len > 0), got {theta!r}")
         for name, value in (("factor", factor), ("beta_fast", beta_fast), ("beta_slow", beta_slow)):
             check_positive_finite(name, value)
+    # As Python floats: an int field (a config may hold 2**64) cannot enter a torch op past int64.
+    theta, factor = float(theta), float(factor)
     exponents = torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim
     freqs = 1.0 / (theta ** exponents)  # a power, then a reciprocal, in fp32
     if original_seq_len > 0:

@@ -4,7 +4,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hybrid_attention import AttentionConfig, ModelConfig
@@ -159,6 +159,8 @@ FIELD_VALUES = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(changes=st.dictionaries(st.sampled_from(sorted(f.name for f in fields(AttentionConfig))),
                                FIELD_VALUES, min_size=1, max_size=3))
+@example(changes={"rope_factor": 2**64})  # an int past int64 reached a torch op (OverflowError)
+@example(changes={"compress_rope_theta": 2**64})
 def test_any_field_values_give_a_usable_config_or_a_value_error(changes):
     """Random values (of any type) for a few fields: a ValueError naming a field, or a config whose
     RoPE tables are finite and whose fingerprint can be written; never another exception."""
