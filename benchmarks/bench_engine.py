@@ -9,6 +9,11 @@ planner's prediction for the same config, precision and length.
 
     python benchmarks/bench_engine.py                     # 4K..128K, fp32 storage
     python benchmarks/bench_engine.py --quant official    # FP8 KV / FP4 indexer keys, bf16 model
+    python benchmarks/bench_engine.py --quant official --lengths 131072 1048576 --no-full --ab-decoded
+
+`--no-full` leaves the full-attention model out (its cache at 1M is about 40 GB). `--ab-decoded`
+adds a column: the hybrid model's step with `cache.KEEP_DECODED` off, i.e. decoding every stored
+indexer key and HCA entry again at every step, as the engine did before it kept decoded copies.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 import torch
 
 from hybrid_attention import AttentionConfig, HybridTransformer, ModelConfig
+from hybrid_attention import cache as cache_module
 from hybrid_attention.cache import PagedKVCache
 from hybrid_attention.model import forward_ragged
 from hybrid_attention.planner import kv_cache_bytes_by_type
@@ -65,6 +71,11 @@ def main() -> None:
     parser.add_argument("--quant", choices=("none", "official"), default="none",
                         help="official: FP8 KV / FP4 keys storage and a bf16 model")
     parser.add_argument("--preset", default="small", help="model preset")
+    parser.add_argument("--no-full", action="store_true",
+                        help="leave out the full-attention model (its cache at 1M is about 40 GB)")
+    parser.add_argument("--ab-decoded", action="store_true",
+                        help="also time the hybrid model without the decoded copies of the indexer keys "
+                             "and HCA entries (cache.KEEP_DECODED off)")
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.quant == "official" else torch.float32
@@ -73,31 +84,51 @@ def main() -> None:
     dense_attention = attention.replace(compress_ratios=["full"] * attention.n_total_layers)
     models = {}
     for name, att in (("hybrid", attention), ("full", dense_attention)):
+        if name == "full" and args.no_full:
+            continue
         torch.manual_seed(0)
         models[name] = HybridTransformer(ModelConfig.preset(args.preset, attention=att)).to(dtype).eval()
+    runs = [("hybrid", "hybrid", True)] + ([("no copy", "hybrid", False)] if args.ab_decoded else []) \
+        + ([("full", "full", True)] if "full" in models else [])
     print(f"# engine decode | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"threads {torch.get_num_threads()} | preset {args.preset} | quant {args.quant} | {dtype} | "
-          f"median of {args.steps} steps")
-    print(f"{'context':>8} {'hybrid ms':>10} {'full ms':>10} {'speedup':>8} {'hybrid B/tok':>13} "
+          f"median of {args.steps} steps" + (" | no copy: hybrid with cache.KEEP_DECODED off"
+                                             if args.ab_decoded else ""))
+    ab_columns = f" {'no copy ms':>11} {'/ hybrid':>9}" if args.ab_decoded else ""
+    print(f"{'context':>8} {'hybrid ms':>10}{ab_columns} {'full ms':>10} {'speedup':>8} {'hybrid B/tok':>13} "
           f"{'full B/tok':>11} {'ratio':>7} {'= planner':>10}")
     generator = torch.Generator().manual_seed(0)
     for length in args.lengths:
         row = {}
-        for name, model in models.items():
-            cache = PagedKVCache(model, _budget(model, length + args.warmup + args.steps + 1),
-                                 max_sequences=1, page_entries=256)
-            seq = cache.allocate(length + args.warmup + args.steps + 1)
-            states = cache.states(seq)
+        for label, name, keep in runs:
+            model = models[name]
+            cache_module.KEEP_DECODED = keep
+            try:
+                cache = PagedKVCache(model, _budget(model, length + args.warmup + args.steps + 1),
+                                     max_sequences=1, page_entries=256)
+                seq = cache.allocate(length + args.warmup + args.steps + 1)
+                states = cache.states(seq)
+            finally:
+                cache_module.KEEP_DECODED = True
             fill(model, states, length, generator)
             measured = cache.nbytes_by_type(seq)
             predicted = kv_cache_bytes_by_type(model.cfg.attention, length, 1,
                                                None if args.quant == "official" else {"all": "fp32"})
             matches = measured == {k: v for k, v in predicted.items() if v}
-            row[name] = (decode_time(model, states, args.steps, args.warmup), sum(measured.values()), matches)
+            seconds = decode_time(model, states, args.steps, args.warmup)
+            row[label] = (seconds, sum(measured.values()), matches)
             del cache, states
-        (h_t, h_b, h_ok), (f_t, f_b, f_ok) = row["hybrid"], row["full"]
-        print(f"{length:>8} {h_t * 1e3:>10.1f} {f_t * 1e3:>10.1f} {f_t / h_t:>7.2f}x {h_b / length:>13,.0f} "
-              f"{f_b / length:>11,.0f} {h_b / f_b:>7.3f} {str(h_ok and f_ok):>10}", flush=True)
+        h_t, h_b, h_ok = row["hybrid"]
+        line = f"{length:>8} {h_t * 1e3:>10.1f}"
+        if args.ab_decoded:
+            line += f" {row['no copy'][0] * 1e3:>11.1f} {row['no copy'][0] / h_t:>8.2f}x"
+        if "full" in row:
+            f_t, f_b, f_ok = row["full"]
+            line += (f" {f_t * 1e3:>10.1f} {f_t / h_t:>7.2f}x {h_b / length:>13,.0f} {f_b / length:>11,.0f}"
+                     f" {h_b / f_b:>7.3f} {str(h_ok and f_ok):>10}")
+        else:
+            line += f" {'-':>10} {'-':>8} {h_b / length:>13,.0f} {'-':>11} {'-':>7} {str(h_ok):>10}"
+        print(line, flush=True)
 
 
 def _budget(model, tokens: int) -> int:

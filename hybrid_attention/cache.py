@@ -21,6 +21,12 @@ The byte budget is split once: the fixed pools get room for `max_sequences` sequ
 pools share the rest in proportion to the bytes each needs per token. A sequence reserves its
 worst case (`max_tokens`) when it is admitted, so running out of pages is refused up front and never
 happens half-way through a step.
+
+Rows that a step reads whole (the indexer keys, which every CSA query scores; HCA's compressed
+entries, which every HCA query attends) also keep a decoded copy per sequence, extended as entries
+are added, so a step decodes only its new entries instead of the whole history (`KEEP_DECODED`).
+It is working memory beside the cache (the layer dtype's width per entry: 128 or 256 bytes per
+64-wide key, against the cache's 36), not part of the cache's byte budget.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ import torch
 from .compressor import CompressorState
 from .config import ModelConfig
 from .quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
-from .state import StreamingState
+from .state import GrowingRows, StreamingState
 
 ROW_ALIGN = 4  # quantised entries are padded to a multiple of 4 bytes (the planner counts the same)
+# Decoded copies of the rows a step reads whole (module docstring). Off: every step decodes every
+# stored entry of those rows again (what `bench_engine.py --ab-decoded` compares against).
+KEEP_DECODED = True
 
 
 class CacheFullError(RuntimeError):
@@ -186,19 +195,41 @@ class PagedRows:
     lazy: `with_appended` returns a `PagedRowsView`, which decodes only the rows that are read
     (CSA compressed entries, of which a query attends to the top-k); otherwise the decoded tensor."""
 
-    def __init__(self, pool: Pool, dtype: torch.dtype, lazy: bool = False) -> None:
+    def __init__(self, pool: Pool, dtype: torch.dtype, lazy: bool = False, decoded: bool = False) -> None:
         self.pool, self.dtype, self.lazy = pool, dtype, lazy
         self.pages: list[int] = []
         self.shared = 0  # leading pages shared with a prefix (full, so never written again)
         self.length = 0
+        # decoded: keep the decoded rows too (read whole by every step; module docstring).
+        self.decoded = decoded and KEEP_DECODED and not lazy
+        self._decoded = self._new_copy()
+
+    def _new_copy(self) -> GrowingRows | None:
+        if not self.decoded:
+            return None
+        return GrowingRows(1, self.pool.codec.width, self.dtype, self.pool.data.device)
+
+    def _synced_copy(self) -> GrowingRows:
+        """The decoded copy, brought up to `length`: entries added since (appended, or restored from
+        a snapshot or a shared prefix) are decoded from the pool, once."""
+        copy = self._decoded
+        if copy.length > self.length:  # cannot happen through this class; rebuilt rather than trusted
+            copy = self._decoded = self._new_copy()
+        if copy.length < self.length:
+            copy.append(self.pool.read(self.pages, copy.length, self.length)[None].to(self.dtype))
+        return copy
 
     def view(self) -> torch.Tensor:
+        if self.decoded:
+            return self._synced_copy().view()
         return self.pool.read(self.pages, 0, self.length)[None].to(self.dtype)  # [1, n, width]
 
     def with_appended(self, rows: torch.Tensor) -> "torch.Tensor | PagedRowsView":
         """The stored rows plus `rows` [1, m, width] (not stored): [1, length + m, width]."""
         if self.lazy:
             return PagedRowsView(self, rows)
+        if self.decoded:  # the new rows staged after the copy (valid until the next call)
+            return self._synced_copy().with_appended(rows.to(self.dtype))
         return torch.cat((self.view(), rows.to(self.dtype)), dim=1)
 
     def append(self, rows: torch.Tensor) -> None:
@@ -230,6 +261,7 @@ class PagedRows:
         for page in self.pages:
             self.pool.give_back(page)
         self.pages, self.shared, self.length = [], 0, 0
+        self._decoded = self._new_copy()
 
 
 class PagedRowsView:
@@ -328,10 +360,11 @@ class PagedLayerState(StreamingState):
             self._window_pages = [self._window_pool.take()]
         if layer.compressor is not None:
             # CSA attends to top-k entries per query: read only those (HCA reads them all).
-            self.compressed = PagedRows(cache.pools["compressed_kv"], dtype, lazy=layer.kind == "csa")
+            self.compressed = PagedRows(cache.pools["compressed_kv"], dtype, lazy=layer.kind == "csa",
+                                        decoded=layer.kind != "csa")
             self._add_tail("compressor", layer.compressor)
         if layer.indexer is not None:
-            self.index_keys = PagedRows(cache.pools["indexer_keys"], dtype)
+            self.index_keys = PagedRows(cache.pools["indexer_keys"], dtype, decoded=True)
             self._add_tail("index_compressor", layer.indexer.compressor)
 
     def _add_tail(self, name: str, compressor) -> None:

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close
 
 from hybrid_attention import AttentionConfig, HybridAttention, HybridTransformer, ModelConfig
+from hybrid_attention import cache as cache_module
 from hybrid_attention.cache import (
     CacheFullError,
     Fp4Codec,
@@ -221,3 +222,38 @@ def test_kernel_path_decodes_on_lazy_rows():
     x = torch.randn(1, 1, layer.cfg.dim, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(x, lazy), layer(x, dense))
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["decoded-copy", "decode-every-step"])
+def test_steps_decode_only_new_indexer_keys_and_hca_entries(monkeypatch, keep):
+    """The indexer keys and HCA's entries, read whole by every step, keep a decoded copy: after the
+    prompt, a decode step decodes only the entries it adds (without the copy: the whole history),
+    and the logits are the same either way, across a snapshot restored into a fresh sequence."""
+    monkeypatch.setattr(cache_module, "KEEP_DECODED", keep)
+    model = tiny_model("official", torch.bfloat16)
+    cache = PagedKVCache(model, 8 << 20, max_sequences=2, page_entries=8)
+    spy = cache.pools["indexer_keys"].codec = CountingCodec(cache.pools["indexer_keys"].codec)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 90))
+    seq = cache.allocate(90)
+    states = cache.states(seq)
+    # The first step after a chunk decodes the chunk's entries (the copy catches up when read).
+    logits = [run_stream(model, states, tokens[:, :80], [50, 29, 1])]
+    stored = sum(state.index_keys.length for state in states if state.index_keys is not None)
+    decoded = spy.decoded
+    logits.append(run_stream(model, states, tokens[:, 80:84], [1, 1, 1, 1]))
+    during = spy.decoded - decoded
+    # A fresh sequence restored from a snapshot decodes its history once, then goes on.
+    other = cache.allocate(90)
+    for state, snapshot in zip(cache.states(other), [s.snapshot() for s in states], strict=True):
+        state.restore(snapshot)
+    resumed = run_stream(model, cache.states(other), tokens[:, 84:], [1] * 6)
+    logits.append(run_stream(model, states, tokens[:, 84:], [1] * 6))
+    assert torch.equal(resumed, logits[-1])
+    with torch.no_grad():
+        plain = run_stream(model, model.new_states(1), tokens, [50, 29] + [1] * 11)
+        assert torch.equal(torch.cat(logits, 1), plain)
+    # 4 steps: the CSA layer adds one indexer key per 4 tokens (its ratio).
+    if keep:
+        assert stored >= 20 and during <= 1
+    else:
+        assert during >= 4 * stored

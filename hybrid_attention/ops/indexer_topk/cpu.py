@@ -43,7 +43,14 @@ import warnings
 import torch
 
 from .common import FP4Keys
-from .reference import block_scores, head_sum, indexer_topk_reference, tile_products, tiled_topk
+from .reference import (
+    block_scores,
+    head_products,
+    head_sum,
+    indexer_topk_reference,
+    tile_products,
+    tiled_topk,
+)
 
 
 def int8_gemm_is_fast() -> bool:
@@ -273,8 +280,8 @@ def _fused_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, k: i
             block_scores(q_tile, w_tile, k_tile, workspace, out=out)
             return
         # The reference's own GEMM call (the same fp32 roundings), then the fused rest.
-        products = torch.matmul(q_tile.reshape(b, n * hi, -1), k_tile.transpose(1, 2),
-                                out=workspace[: b * n * hi * t].view(b, n * hi, t))
+        products = head_products(q_tile.reshape(b, n * hi, -1), k_tile,
+                                 workspace[: b * n * hi * t].view(b, n * hi, t))
         for i in range(b):
             if not run_fused(compiled, products[i].view(n, hi, t), w_tile[i], out[i]):
                 block_scores(q_tile[i:i + 1], w_tile[i:i + 1], k_tile[i:i + 1], out=out[i:i + 1])

@@ -64,6 +64,18 @@ def lowest_index_ties(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.
     return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
+def head_products(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [b, m, di] @ keys [b, t, di]^T -> [b, m, t] in q.dtype (into `out` if given): one 2-D GEMM
+    per sequence. (A batched bf16 matmul against the keys' transposed view copies the keys first on
+    the CPU: 16 ms instead of 0.8 for 8 rows x 131072 keys. The 2-D GEMM reads them in place; its
+    values are those of the batched one.)"""
+    if out is None:
+        out = q.new_empty(q.size(0), q.size(1), keys.size(1))
+    for i in range(q.size(0)):
+        torch.mm(q[i], keys[i].t(), out=out[i])
+    return out
+
+
 def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                  workspace: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, n, hi, di], weights [b, n, hi], keys [b, t, di] -> fp32 [b, n, t], the values of
@@ -77,7 +89,7 @@ def block_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
     b, n, hi, di = q.shape
     t = keys.size(1)
     products = None if workspace is None else workspace[: b * n * hi * t].view(b, n * hi, t)
-    per_head = torch.matmul(q.reshape(b, n * hi, di), keys.transpose(1, 2), out=products)
+    per_head = head_products(q.reshape(b, n * hi, di), keys, products)
     per_head = per_head.view(b, n, hi, t).clamp_min_(0).mul_(weights[..., None])  # relu, weight
     total = head_sum(per_head, out if q.dtype == torch.float32 else None)
     if q.dtype != torch.float32:
