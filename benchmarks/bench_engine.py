@@ -19,11 +19,11 @@ indexer key and HCA entry again at every step, as the engine did before it kept 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from bench_prefill import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 from hybrid_attention import AttentionConfig, HybridTransformer, ModelConfig
 from hybrid_attention import cache as cache_module
@@ -90,7 +90,7 @@ def main() -> None:
         models[name] = HybridTransformer(ModelConfig.preset(args.preset, attention=att)).to(dtype).eval()
     runs = [("hybrid", "hybrid", True)] + ([("no copy", "hybrid", False)] if args.ab_decoded else []) \
         + ([("full", "full", True)] if "full" in models else [])
-    print(f"# engine decode | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
+    print(f"# engine decode | {cpu_name()} | torch {torch.__version__} | "
           f"threads {torch.get_num_threads()} | preset {args.preset} | quant {args.quant} | {dtype} | "
           f"median of {args.steps} steps" + (" | no copy: hybrid with cache.KEEP_DECODED off"
                                              if args.ab_decoded else ""))
