@@ -9,7 +9,8 @@ by the grouped low-rank output (wo_a per group, then wo_b).
 This file is the wiring: projections, the index structure (window rows, visible entries, the
 indexer's picks), calls of the ops in `ops/`, and the output projection. The attention itself is
 `ops.joint_attention`: its CPU file holds the inference forward (`joint_attention_inference`, one
-query block at a time) and the training op (forward and backward a query block at a time); its
+query block at a time), the training op (forward and backward a query block at a time) and the
+"full" kind's training op (`full_attention_train`, torch's fused causal kernel); its
 Triton file the CUDA path; `ops.sparse_attention` serves the kernel path and the official
 construction (`reference_forward`). Queries are processed in blocks
 (`AttentionConfig.query_block_size`, shrunk when a block would score too many keys), so memory
@@ -33,7 +34,12 @@ from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
 from .ops.joint_attention import joint_attention
-from .ops.joint_attention.cpu import HAS_CPU_FLASH, full_attention_fused, joint_attention_inference
+from .ops.joint_attention.cpu import (
+    HAS_CPU_FLASH,
+    full_attention_fused,
+    full_attention_train,
+    joint_attention_inference,
+)
 from .quant import dequantize_fp8_weight, fake_quant_nope_fp8
 from .rope import apply_rope, layer_rope_frequencies
 from .state import GrowingRows, LayerState, StreamingState
@@ -272,6 +278,12 @@ class HybridAttention(nn.Module):
         win = self.cfg.window_size
         start = int(positions[0])
         windows, gathered = None, 0
+        if self.kind == "full" and start == 0 and torch.is_grad_enabled():
+            # Training a "full" layer from position 0: one fused causal kernel with a backward
+            # (the blocked path below would keep every block's probabilities for autograd).
+            o = full_attention_train(self._queries(qr, positions, freqs), keys, self.attn_sink, self.scale)
+            o = apply_rope(o.to(qr.dtype), positions, freqs, inverse=True)
+            return self._output(o), {"attended_keys": float((positions + 1).sum()) / s}
         if self.kind == "full":
             n_keys = keys.size(1)
             # The fused kernel has no backward here: autograd (the "full" kind's training) takes

@@ -6,8 +6,9 @@ from conftest import KINDS, assert_close, layer_of_kind
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrid_attention import AttentionConfig, HybridAttention
+from hybrid_attention import AttentionConfig, HybridAttention, attention
 from hybrid_attention.attention import window_indices_decode, window_indices_prefill
+from hybrid_attention.ops.joint_attention.cpu import joint_attention_inference
 from hybrid_attention.quant import fake_quant_fp4, fake_quant_fp8
 
 TINY = AttentionConfig.preset("tiny")
@@ -264,7 +265,26 @@ def test_full_kind_fused_inference_path_equals_the_blocked_path():
         state = layer.new_state(2)
         streamed = torch.cat([layer(x[:, :20], state=state), layer(x[:, 20:21], state=state),
                               layer(x[:, 21:], state=state)], 1)
-    blocked = layer(x)  # autograd on: the readable blocked path
-    assert blocked.requires_grad
+    state = layer.new_state(2)  # autograd on; a chunk from position 1 takes the blocked path
+    blocked = torch.cat((layer(x[:, :1], state=state), layer(x[:, 1:], state=state)), 1)
+    trained = layer(x)  # autograd on, from position 0: the fused training op
+    assert blocked.requires_grad and trained.requires_grad
     assert_close("fused vs blocked", blocked.detach(), fused)
     assert_close("fused streamed", blocked.detach(), streamed)
+    assert_close("training op", blocked.detach(), trained.detach())
+
+
+def test_full_kind_training_op_gradients_equal_the_blocked_path(monkeypatch):
+    layer = LAYERS["full"]
+    x = torch.randn(2, 45, TINY.dim)
+    grads = []
+    for use_training_op in (True, False):
+        if not use_training_op:  # the blocked construction through autograd
+            monkeypatch.setattr(attention, "full_attention_train", lambda q, rows, sink, scale:
+                                joint_attention_inference(q, torch.arange(q.size(1)), sink, scale, rows=rows))
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_(True)
+        layer(leaf).square().sum().backward()
+        grads.append({"x": leaf.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}})
+    for name in grads[0]:
+        assert_close(name, grads[1][name], grads[0][name])

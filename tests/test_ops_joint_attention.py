@@ -143,3 +143,23 @@ def test_bad_inputs_name_what_is_wrong(change, message):
                    window_size=4, start=0), **change}
     with pytest.raises(ValueError, match=message):
         joint_attention(**args)
+
+
+@pytest.mark.parametrize("b, s, h, d", [(2, 37, 3, 16), (1, 130, 2, 80)])
+def test_full_attention_train_equals_the_blocked_construction(b, s, h, d):
+    """The "full" kind's training op (a fused causal kernel, the sink as one more key) against the
+    plain construction through autograd: output and the gradients of q, rows and sink."""
+    gen = torch.Generator().manual_seed(s)
+    q, rows, sink = torch.randn(b, s, h, d, generator=gen), torch.randn(b, s, d, generator=gen), \
+        torch.randn(h, generator=gen) * 3
+    grads = torch.randn(b, s, h, d, generator=gen)
+    results = []
+    for fn in (lambda q, rows, sink: cpu.joint_attention_inference(q, torch.arange(s), sink, d ** -0.5,
+                                                                   rows=rows),
+               lambda q, rows, sink: cpu.full_attention_train(q, rows, sink, d ** -0.5)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, rows, sink)]
+        out = fn(*leaves)
+        out.backward(grads)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, ref, got in zip(("out", "dq", "drows", "dsink"), *results, strict=True):
+        assert_close(name, ref, got)

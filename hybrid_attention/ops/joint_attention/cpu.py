@@ -263,6 +263,34 @@ def sink_softmax(segments: list[torch.Tensor], sink: torch.Tensor) -> torch.Tens
     return probs[..., :-1]
 
 
+def full_attention_train(q: torch.Tensor, rows: torch.Tensor, sink: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """The "full" kind's training op: o [b, s, h, d] fp32 of queries q [b, s, h, d] at positions
+    0 .. s - 1 over the causal rows [b, s, d] and the sink, differentiable in all three, through
+    `scaled_dot_product_attention` (a fused kernel with its own backward, memory O(s)), equal to
+    `joint_attention_inference(q, positions, sink, scale, rows=rows)` (tested, forward and backward),
+    which keeps [b, s, h, s] probabilities for autograd.
+
+    The sink is one more key: every query gets a constant 1 in an extra dimension, every row a 0
+    there, and the sink key of head h is zero except sink[h] there, with a zero value; so its score
+    is sink[h] for every query. It sits before row 0, and one zero query before query 0 makes the
+    mask square: query t (row t + 1) then sees the sink and rows 0 .. t under `is_causal`."""
+    b, s, h, d = q.shape
+    qh = q.float().transpose(1, 2) * scale  # [b, h, s, d]
+    queries = torch.cat((qh, qh.new_ones(b, h, s, 1)), dim=-1)
+    queries = torch.cat((qh.new_zeros(b, h, 1, d + 1), queries), dim=2)  # [b, h, s + 1, d + 1]
+    keys = rows.float()[:, None].expand(b, h, s, d)
+    keys = torch.cat((keys, keys.new_zeros(b, h, s, 1)), dim=-1)
+    sink_key = torch.cat((qh.new_zeros(h, d), sink.float()[:, None]), dim=-1)  # [h, d + 1]
+    keys = torch.cat((sink_key[None, :, None].expand(b, h, 1, d + 1), keys), dim=2)  # [b, h, s + 1, d + 1]
+    # The values: the keys with the sink's zeroed (their extra dimension is 0 for the rows too).
+    # As wide as the keys: torch's fused CPU kernel wants one head size (with d it takes the math
+    # path, no faster than the blocked one).
+    values = torch.cat((keys.new_zeros(b, h, 1, d + 1), keys[:, :, 1:]), dim=2)
+    o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=1.0)
+    return o[:, :, 1:, :d].transpose(1, 2)  # [b, s, h, d]
+
+
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 HAS_CPU_FLASH = _CPU_FLASH is not None
 
