@@ -270,10 +270,12 @@ class HybridAttention(nn.Module):
         return max(1, block)
 
     def _attend(self, qr, keys, context, positions, freqs, compressed, index_keys, head_weights):
-        """Inference (no autograd, no indexer loss): one query block at a time, the block's queries,
-        then `joint_attention_inference` over its window rows + compressed entries (every visible
-        one for HCA, the indexer's picks for CSA, gathered from the cache's storage) + sink, the
-        de-rotation and the output projection. Each block's intermediates stay cache-sized."""
+        """Inference (no indexer loss): one query block at a time, the block's queries, then
+        `joint_attention_inference` over its window rows + compressed entries (every visible one
+        for HCA, the indexer's picks for CSA, gathered from the cache's storage) + sink, the
+        de-rotation and the output projection. Each block's intermediates stay cache-sized. A
+        "full" layer also trains here: from position 0 through `full_attention_train`, a chunk
+        that continues a state through the blocked path under autograd."""
         b, s = qr.shape[:2]
         win = self.cfg.window_size
         start = int(positions[0])
@@ -286,8 +288,8 @@ class HybridAttention(nn.Module):
             return self._output(o), {"attended_keys": float((positions + 1).sum()) / s}
         if self.kind == "full":
             n_keys = keys.size(1)
-            # The fused kernel has no backward here: autograd (the "full" kind's training) takes
-            # the blocked path.
+            # `full_attention_fused` has no backward: under autograd (a chunk continuing a state)
+            # the blocked path runs.
             fused = HAS_CPU_FLASH and not qr.is_cuda and not torch.is_grad_enabled()
         else:
             # Query t's window is rows [t, t + win) of the keys padded in front to win - 1 rows of

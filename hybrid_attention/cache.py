@@ -202,7 +202,7 @@ class PagedRows:
         self.length = 0
         # decoded: keep the decoded rows too (read whole by every step; module docstring).
         self.decoded = decoded and KEEP_DECODED and not lazy
-        self._decoded = self._new_copy()
+        self._copy = self._new_copy()
 
     def _new_copy(self) -> GrowingRows | None:
         if not self.decoded:
@@ -212,9 +212,9 @@ class PagedRows:
     def _synced_copy(self) -> GrowingRows:
         """The decoded copy, brought up to `length`: entries added since (appended, or restored from
         a snapshot or a shared prefix) are decoded from the pool, once."""
-        copy = self._decoded
+        copy = self._copy
         if copy.length > self.length:  # cannot happen through this class; rebuilt rather than trusted
-            copy = self._decoded = self._new_copy()
+            copy = self._copy = self._new_copy()
         if copy.length < self.length:
             copy.append(self.pool.read(self.pages, copy.length, self.length)[None].to(self.dtype))
         return copy
@@ -261,7 +261,7 @@ class PagedRows:
         for page in self.pages:
             self.pool.give_back(page)
         self.pages, self.shared, self.length = [], 0, 0
-        self._decoded = self._new_copy()
+        self._copy = self._new_copy()
 
 
 class PagedRowsView:
