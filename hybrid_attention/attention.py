@@ -378,6 +378,8 @@ class HybridAttention(nn.Module):
         choose = self.kind == "csa" and not dense_csa
         want_loss = return_aux and picks is not None
         context = keys.size(1) - s  # rows before the chunk
+        # Each piece's attention output from the forward, reused when backward reruns the piece.
+        memos = {}
 
         def query_side(a, e, rows, shared):
             x_piece, weights = rows
@@ -399,7 +401,8 @@ class HybridAttention(nn.Module):
             chosen = picks[:, a:e] if picks is not None else None
             o, teacher = joint_attention(q, kv[:, lo:context + e], self.attn_sink, self.scale, win, start + a,
                                          entries, self.ratio, None if dense_csa else chosen,
-                                         want_teacher=want_loss, backend=self.backend)
+                                         want_teacher=want_loss, backend=self.backend,
+                                         memo=memos.setdefault(a, {}))
             y = self.wo_b(self._derotated_grouped_output(o, pos, freqs).flatten(2))
             if not want_loss:
                 return y, None

@@ -163,3 +163,32 @@ def test_full_attention_train_equals_the_blocked_construction(b, s, h, d):
         results.append([out.detach()] + [t.grad for t in leaves])
     for name, ref, got in zip(("out", "dq", "drows", "dsink"), *results, strict=True):
         assert_close(name, ref, got)
+
+
+@pytest.mark.parametrize("case", [2, 4], ids=["hca", "csa"])
+def test_a_memo_serves_the_rerun_of_checkpointing_once(case, monkeypatch):
+    """With a memo, the first call (forward, no graph) keeps its results; the same call again
+    (the rerun in backward) takes them instead of computing the forward, and differentiates
+    exactly as a call without a memo; a third call computes again."""
+    b, s, start, h, d, window, ratio, mode, topk = CASES[case].values
+    inputs = make_inputs(b, s, start, h, d, window, ratio, mode, topk)
+    grads = torch.randn(b, s, h, d, generator=torch.Generator().manual_seed(5))
+    plain = run(lambda *a: joint_attention(*a, want_teacher=True), inputs, window, start, ratio, grads)
+
+    forwards = []
+    real_forward = cpu._forward
+    monkeypatch.setattr(cpu, "_forward", lambda *a: forwards.append(1) or real_forward(*a))
+    memo = {}
+    with torch.no_grad():  # the first run of a checkpointed piece
+        first = joint_attention(*inputs[:3], d ** -0.5, window, start, inputs[3], ratio, inputs[4],
+                                want_teacher=True, memo=memo)
+    assert len(forwards) == 1 and set(memo) == {"out", "lse", "teacher"}
+    rerun = run(lambda *a: joint_attention(*a, want_teacher=True, memo=memo), inputs, window, start, ratio,
+                grads)
+    assert len(forwards) == 1 and not memo  # served from the memo, and only once
+    assert torch.equal(rerun[0], first[0]) and torch.equal(rerun[1], first[1])
+    assert torch.equal(rerun[0], plain[0]) and torch.equal(rerun[1], plain[1])
+    for got, want in zip(rerun[2], plain[2], strict=True):
+        assert torch.equal(got, want)
+    run(lambda *a: joint_attention(*a, memo=memo), inputs, window, start, ratio, grads)
+    assert len(forwards) == 2  # an emptied memo computes again

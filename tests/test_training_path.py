@@ -22,7 +22,7 @@ TINY = AttentionConfig.preset("tiny")  # window 8, CSA ratio 4 with top-k 4, HCA
 
 
 def reference_ops(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher,
-                  backend="auto"):
+                  backend="auto", memo=None):
     return joint_attention_reference(q, kv, sink, scale, window_size, start, compressed, ratio, picks)
 
 

@@ -16,7 +16,8 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window_size: int,
                     start: int = 0, compressed: torch.Tensor | None = None, ratio: int = 0,
                     picks: torch.Tensor | None = None, want_teacher: bool = False,
-                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+                    backend: str = "auto",
+                    memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """o [b, s, h, d] fp32 and, with `want_teacher`, the indexer loss's teacher [b, s, k] fp32.
 
     q [b, s, h, d]: the chunk's queries, query t at absolute position start + t.
@@ -33,6 +34,12 @@ def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale
     time in forward and backward), "triton" (`triton.py`: the SPEC 4 row lists through the
     sparse-attention kernels, forward and backward) or "auto" (Triton for CUDA tensors that are
     not fp64). `reference.py` is the oracle of both.
+
+    memo: for activation checkpointing, which runs a forward again in backward to differentiate
+      it. The torch backend keeps its first call's output, log-sum-exp and teacher in the dict and,
+      called again with the same dict and the same inputs, takes them from there (once) instead of
+      computing the forward a second time: the rerun then costs only the backward. The price is the
+      output [b, s, h, d] held from forward to backward. The Triton backend ignores it.
     """
     if not torch.compiler.is_compiling():
         _validate(q, kv, sink, window_size, start, compressed, ratio, picks)
@@ -43,7 +50,7 @@ def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale
         return joint_attention_triton(q, kv, sink, scale, window_size, start, compressed, ratio, picks,
                                       want_teacher)
     return joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio, picks,
-                               want_teacher)
+                               want_teacher, memo)
 
 
 def _validate(q, kv, sink, window_size, start, compressed, ratio, picks) -> None:

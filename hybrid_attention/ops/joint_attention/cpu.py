@@ -103,27 +103,22 @@ class _Block:
 class JointAttention(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, q, kv, compressed, sink, picks, scale, window_size, start, ratio, want_teacher):
+    def forward(ctx, q, kv, compressed, sink, picks, scale, window_size, start, ratio, want_teacher,
+                memo=None):
         b, s, h, d = q.shape
         acc = _accumulation_dtype(q)
         pad = window_size - 1 - (kv.size(1) - s)
         kv_pad = F.pad(kv.to(acc), (0, 0, pad, 0))  # [b, s + win - 1, d]: query t's window starts at t
         entries = compressed.to(acc).contiguous() if compressed is not None else None
         sink_acc = sink.to(acc)
-        out = q.new_empty(b, s, h, d, dtype=acc)
-        lse = q.new_empty(b, s, h, dtype=acc)
-        teacher = None
-        if want_teacher and compressed is not None:
-            width = picks.size(-1) if picks is not None else compressed.size(1)
-            teacher = q.new_zeros(b, s, width, dtype=acc)
-        for a in range(0, s, QUERY_BLOCK):
-            e = min(s, a + QUERY_BLOCK)
-            blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, window_size, ratio)
-            p_shared, p_picked, lse[:, a:e] = blk.softmax(sink_acc)
-            out[:, a:e] = blk.weighted_sum(p_shared, p_picked)
-            if teacher is not None:
-                mass = blk.entry_mass(p_shared, p_picked)
-                teacher[:, a:e, :mass.size(-1)] = mass
+        want_teacher = want_teacher and compressed is not None
+        if memo:  # the same call again (activation checkpointing's rerun): its results as they were
+            out, lse, teacher = memo.pop("out"), memo.pop("lse"), memo.pop("teacher")
+        else:
+            out, lse, teacher = _forward(q, kv_pad, entries, sink_acc, picks, scale, window_size, start,
+                                         ratio, want_teacher)
+            if memo is not None:
+                memo.update(out=out, lse=lse, teacher=teacher)
         ctx.save_for_backward(q, kv_pad, entries, sink_acc, picks, out, lse)
         ctx.scale, ctx.window_size, ctx.start, ctx.ratio = scale, window_size, start, ratio
         ctx.pad, ctx.dtypes = pad, (q.dtype, kv.dtype, None if compressed is None else compressed.dtype)
@@ -176,7 +171,28 @@ class JointAttention(torch.autograd.Function):
         dkv = dkv_pad[:, ctx.pad:].to(kv_dtype) if ctx.needs_input_grad[1] else None
         dc = dentries.to(c_dtype) if dentries is not None and ctx.needs_input_grad[2] else None
         return (dq.to(q_dtype), dkv, dc, dsink if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def _forward(q, kv_pad, entries, sink, picks, scale, window_size, start, ratio, want_teacher):
+    """out [b, s, h, d], lse [b, s, h] and the teacher (or None), a query block at a time."""
+    b, s, h, d = q.shape
+    acc = kv_pad.dtype
+    out = q.new_empty(b, s, h, d, dtype=acc)
+    lse = q.new_empty(b, s, h, dtype=acc)
+    teacher = None
+    if want_teacher:
+        width = picks.size(-1) if picks is not None else entries.size(1)
+        teacher = q.new_zeros(b, s, width, dtype=acc)
+    for a in range(0, s, QUERY_BLOCK):
+        e = min(s, a + QUERY_BLOCK)
+        blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, window_size, ratio)
+        p_shared, p_picked, lse[:, a:e] = blk.softmax(sink)
+        out[:, a:e] = blk.weighted_sum(p_shared, p_picked)
+        if teacher is not None:
+            mass = blk.entry_mass(p_shared, p_picked)
+            teacher[:, a:e, :mass.size(-1)] = mass
+    return out, lse, teacher
 
 
 def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
@@ -184,9 +200,10 @@ def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher):
+def joint_attention_cpu(q, kv, sink, scale, window_size, start, compressed, ratio, picks, want_teacher,
+                        memo=None):
     return JointAttention.apply(q, kv, compressed, sink, picks, scale, window_size, start, ratio,
-                                want_teacher)
+                                want_teacher, memo)
 
 
 # Inference ---------------------------------------------------------------------------------------
