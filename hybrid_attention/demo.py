@@ -85,6 +85,19 @@ def retain_freed_memory() -> bool:
                ((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit), (_M_TOP_PAD, 1 << 28)))
 
 
+def map_blocks_separately(threshold: int = 128 << 10) -> bool:
+    """Ask glibc to give every block of `threshold` bytes or more its own mapping, returned to the
+    kernel when freed (and to trim its heaps down to that much), so that the resident set follows
+    the live tensors: its peak over a step is the step's working memory, not what an earlier step
+    left for reuse. Slower (fresh pages are zero-filled), so for measuring memory, in a process of
+    its own. Process-wide, like `retain_freed_memory`. Returns whether glibc accepted it."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+
+
 def _status_kb(field: str) -> int:
     for line in (_PROC / "status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -24,6 +24,9 @@ def test_quick_run_prints_every_kind_at_every_length(capsys):
         ("64", "csa"), ("64", "window"), ("96", "csa"), ("96", "window")]
     dense = [r for r in rows if r[1] == "dense"]
     assert len(dense) == 2 and all(r[4] == "1.000" for r in dense)  # the baseline's own ratio
+    if bench.PeakMemory().method != "none":  # the memory worker's peaks, where /proc can be read
+        assert all(int(r[5]) > 0 and r[6] == "1.000" for r in dense)
+        assert all(int(r[4]) > 0 and float(r[5]) > 0 for r in rows if r[1] != "dense")
 
 
 def test_bad_lengths_are_refused(capsys):
