@@ -119,13 +119,18 @@ def test_random_shapes(b, s, start, window, mode, topk, seed):
     inputs = make_inputs(b, s, start, 2, 8, window, ratio, mode, topk, seed=seed)
     if mode == "picks" and inputs[3].size(1) == 0:
         mode, inputs = "dense", inputs[:4] + (None,)
-    grads = torch.randn(b, s, 2, 8)
+    grads = torch.randn(b, s, 2, 8, generator=torch.Generator().manual_seed(seed))
     ref = run(joint_attention_reference, inputs, window, start, ratio, grads)
     got = run(fast, inputs, window, start, ratio, grads)
     assert_close("out", ref[0], got[0])
-    for name, r, g in zip(("dq", "dkv", "dsink", "dcompressed"), ref[2], got[2], strict=True):
+    for name, r, g in zip(("dq", "dkv", "dcompressed"), ref[2][:2] + ref[2][3:], got[2][:2] + got[2][3:],
+                          strict=True):
         if r is not None and r.numel():  # no entries yet: an empty gradient
             assert_close(name, r, g)
+    # dsink[h] = -sum over (batch, query) of P_sink * <dO, O>: terms of both signs, so its rounding
+    # error scales with the sum of their sizes (bounded by sum |<dO, O>|), not with the result's.
+    magnitude = (grads.double() * ref[0].double()).sum(-1).abs().sum((0, 1)).max()
+    assert (got[2][2].double() - ref[2][2].double()).abs().max() <= 1e-5 * magnitude
 
 
 @pytest.mark.parametrize("change, message", [
@@ -182,7 +187,7 @@ def test_a_memo_serves_the_rerun_of_checkpointing_once(case, monkeypatch):
     with torch.no_grad():  # the first run of a checkpointed piece
         first = joint_attention(*inputs[:3], d ** -0.5, window, start, inputs[3], ratio, inputs[4],
                                 want_teacher=True, memo=memo)
-    assert len(forwards) == 1 and set(memo) == {"out", "lse", "teacher"}
+    assert len(forwards) == 1 and set(memo) == {"out", "teacher"}
     rerun = run(lambda *a: joint_attention(*a, want_teacher=True, memo=memo), inputs, window, start, ratio,
                 grads)
     assert len(forwards) == 1 and not memo  # served from the memo, and only once

@@ -2,11 +2,11 @@
 `torch.autograd.Function` (flash-attention style); and, at the end, the inference forward the
 layer calls without autograd (`joint_attention_inference`).
 
-Forward keeps, per query and head, only the log-sum-exp of the joint softmax (window + compressed
-+ sink) besides the output. Backward recomputes each block's scores from the saved inputs, and
-accumulates the gradients of the shared rows into one preallocated buffer per input. Nothing of the
-size of the sequence is materialised per block, so a step's memory grows linearly with the
-sequence: O(block * (win + k)) of work space and O(s * h * d) for the saved inputs and output.
+Forward keeps only its inputs and the output. Backward recomputes each block's probabilities from
+the saved inputs, and accumulates the gradients of the shared rows into one preallocated buffer per
+input. Nothing of the size of the sequence is materialised per block, so a step's memory grows
+linearly with the sequence: O(block * (win + k)) of work space and O(s * h * d) for the saved
+inputs and output.
 
 The window as a band: the n queries of a block see, between them, the n + win - 1 rows
 a .. e + win - 2 of the front-padded KV, query t the win rows t .. t + win - 1. So the block's
@@ -15,10 +15,17 @@ its weighted sum, and in backward its dq and the rows' gradient, are GEMMs with 
 probabilities (zero outside). That does up to twice the useful multiply-adds in big GEMMs instead
 of n tiny [h, d] x [d, win] ones, and the rows' gradient lands in the buffer in one add.
 
+The block's shared keys are [zero row, band, (HCA) entries]: the zero row is the sink, whose logit
+and the band's mask come in as the bias of the score GEMM (`baddbmm`: sink[h] in column 0, -inf
+outside the band, 0 elsewhere), and whose value is zero. So the joint softmax is one
+`torch.softmax` over the scores (with CSA's picked entries beside them), which handles the -inf of
+the masks at full speed (`torch.exp` of -inf or of anything below about -87 takes a slow path, 7x
+slower), and the sink's gradient is its column of dZ.
+
 With P the joint probabilities, dO the output's gradient and delta = <dO, O> per (query, head):
     dZ = P * (dO . V - delta)                  (softmax backward; the sink has a zero value)
     dq = scale * dZ @ K,   dK = scale * dZ^T q,   dV = P^T dO   (K = V: the same rows get both)
-    dsink = -sum_(b, t) P_sink * delta
+    dsink = sum_(b, t) dZ_sink = -sum_(b, t) P_sink * delta
 """
 
 from __future__ import annotations
@@ -33,70 +40,89 @@ from ..autocast import without_autocast
 QUERY_BLOCK = 128
 
 
-class _Block:
-    """One query block's keys and masked scores, recomputed identically in forward and backward."""
+class _Call:
+    """What every block of one call shares: the padded rows with the sink's zero row, and the
+    score bias of a block of QUERY_BLOCK queries that sees no position before 0 (cached)."""
 
-    def __init__(self, qs, kv_pad, compressed, picks, start, a, e, window_size, ratio):
-        b, n, h, d = qs.shape
-        dev = qs.device
-        self.shape = (b, n, h, d)
-        self.flat_q = qs.reshape(b, n * h, d)
-        band = kv_pad[:, a:e + window_size - 1]  # [b, L, d], L = n + win - 1
-        self.n_band = band.size(1)
-        column = torch.arange(self.n_band, device=dev)
+    def __init__(self, q, kv_pad, entries, sink, picks, scale, window_size, start, ratio):
+        self.q, self.kv_pad, self.entries, self.sink, self.picks = q, kv_pad, entries, sink, picks
+        self.scale, self.window_size, self.start, self.ratio = scale, window_size, start, ratio
+        self.zero_row = kv_pad.new_zeros(kv_pad.size(0), 1, kv_pad.size(2))
+        self._interior = None
+
+    def bias(self, a: int, e: int) -> torch.Tensor:
+        """[n, h, 1 + n + win - 1]: sink[h] in column 0, then 0 inside query t's band, -inf outside
+        it and before position 0."""
+        n, win, h = e - a, self.window_size, self.sink.numel()
+        interior = n == QUERY_BLOCK and self.start + a >= win - 1
+        if interior and self._interior is not None:
+            return self._interior
+        dev = self.kv_pad.device
+        column = torch.arange(n + win - 1, device=dev)
         offset = column - torch.arange(n, device=dev)[:, None]  # row a + c is window row c - t of query t
-        masked = (offset < 0) | (offset >= window_size) | (start - window_size + 1 + a + column < 0)
-        self.rows, self.n_visible = band, 0
-        if compressed is not None and picks is None:  # HCA (or dense CSA): every visible entry
+        masked = (offset < 0) | (offset >= win) | (self.start - win + 1 + a + column < 0)
+        band = torch.zeros(masked.shape, dtype=self.kv_pad.dtype, device=dev).masked_fill_(masked, float("-inf"))
+        bias = torch.cat((self.sink[None, :, None].expand(n, h, 1), band[:, None].expand(n, h, -1)), dim=-1)
+        if interior:
+            self._interior = bias
+        return bias
+
+
+class _Block:
+    """One query block's keys and joint probabilities, recomputed identically in forward and
+    backward."""
+
+    def __init__(self, call: _Call, a: int, e: int):
+        b, _, h, d = call.q.shape
+        n = e - a
+        dev = call.q.device
+        self.shape = (b, n, h, d)
+        self.flat_q = (call.q[:, a:e].to(call.kv_pad.dtype) * call.scale).reshape(b, n * h, d)
+        band = call.kv_pad[:, a:e + call.window_size - 1]  # [b, L, d], L = n + win - 1
+        self.n_band = band.size(1)
+        keys = [call.zero_row, band]
+        self.n_visible = 0
+        if call.entries is not None and call.picks is None:  # HCA (or dense CSA): every visible entry
             # Entries are shared by the block's queries like the band: one set of rows, one GEMM.
-            visible = torch.div(start + torch.arange(a, e, device=dev) + 1, ratio, rounding_mode="floor")
+            visible = torch.div(call.start + torch.arange(a, e, device=dev) + 1, call.ratio,
+                                rounding_mode="floor")
             self.n_visible = int(visible[-1])
-            self.rows = torch.cat((band, compressed[:, :self.n_visible]), dim=1)  # [b, L + t, d]
+            keys.append(call.entries[:, :self.n_visible])
+        self.rows = torch.cat(keys, dim=1)  # [b, 1 + L (+ t), d]
+        width = self.rows.size(1)
+        bias = call.bias(a, e)  # [n, h, 1 + L]
+        if self.n_visible:
+            bias = torch.cat((bias, bias.new_zeros(n, h, self.n_visible)), dim=-1)
+        z = torch.baddbmm(bias.view(1, n * h, -1), self.flat_q, self.rows.transpose(1, 2))
+        z = z.view(b, n, h, width)
+        if self.n_visible:
             hidden = torch.arange(self.n_visible, device=dev) >= visible[:, None]  # [n, t]
-            masked = torch.cat((masked, hidden), dim=1)
-        z = (self.flat_q @ self.rows.transpose(1, 2)).view(b, n, h, self.rows.size(1))
-        self.z_shared = z.masked_fill_(masked[None, :, None], float("-inf"))  # [b, n, h, L (+ t)]
-        self.z_entries = self.picked = self.ids = None
-        if picks is not None:  # CSA: the indexer's picks, -1 = none
-            ids = picks[:, a:e]  # [b, n, k]
-            offsets = torch.arange(b, device=dev)[:, None, None] * compressed.size(1)
+            z[..., 1 + self.n_band:].masked_fill_(hidden[None, :, None], float("-inf"))
+        self.picked = self.ids = None
+        if call.picks is not None:  # CSA: the indexer's picks, -1 = none
+            ids = call.picks[:, a:e]  # [b, n, k]
+            offsets = torch.arange(b, device=dev)[:, None, None] * call.entries.size(1)
             self.ids = (ids.clamp_min(0) + offsets).reshape(-1)
-            self.picked = compressed.reshape(-1, d).index_select(0, self.ids).view(b, n, ids.size(-1), d)
-            z = qs @ self.picked.transpose(-1, -2)  # [b, n, h, k]
-            self.z_entries = z.masked_fill_((ids < 0)[:, :, None], float("-inf"))
+            self.picked = call.entries.reshape(-1, d).index_select(0, self.ids).view(b, n, ids.size(-1), d)
+            z_picked = self.flat_q.view(b, n, h, d) @ self.picked.transpose(-1, -2)  # [b, n, h, k]
+            z = torch.cat((z, z_picked.masked_fill_((ids < 0)[:, :, None], float("-inf"))), dim=-1)
+        # The joint softmax; a query's window holds its own row, so no row is all -inf.
+        self.p = torch.softmax(z, dim=-1)
+        self.p_shared = self.p[..., :width]  # [b, n, h, 1 + L (+ t)]: the sink, band (and entries)
+        self.p_picked = self.p[..., width:] if self.picked is not None else None  # [b, n, h, k]
 
-    def softmax(self, sink: torch.Tensor):
-        """The joint softmax: (P of the shared rows, P of the picks or None, log-sum-exp [b, n, h]),
-        in one exp pass. The max is finite: every query's window holds its own row."""
-        m = self.z_shared.amax(-1, keepdim=True)  # [b, n, h, 1]
-        if self.z_entries is not None and self.z_entries.size(-1):
-            m = torch.maximum(m, self.z_entries.amax(-1, keepdim=True))
-        m = torch.maximum(m, sink[:, None])
-        p_shared = torch.exp(self.z_shared - m)
-        denom = p_shared.sum(-1, keepdim=True) + torch.exp(sink[:, None] - m)
-        p_picked = None
-        if self.z_entries is not None:
-            p_picked = torch.exp(self.z_entries - m)
-            denom += p_picked.sum(-1, keepdim=True)
-            p_picked /= denom
-        p_shared /= denom
-        return p_shared, p_picked, (m + torch.log(denom))[..., 0]
-
-    def probabilities(self, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p_shared = torch.exp(self.z_shared - lse[..., None])  # zero outside the band
-        p_picked = torch.exp(self.z_entries - lse[..., None]) if self.z_entries is not None else None
-        return p_shared, p_picked
-
-    def entry_mass(self, p_shared, p_picked) -> torch.Tensor:
+    def entry_mass(self) -> torch.Tensor:
         """The compressed entries' probabilities summed over heads: [b, n, t or k]."""
-        return (p_picked if p_picked is not None else p_shared[..., self.n_band:]).sum(2)
+        if self.p_picked is not None:
+            return self.p_picked.sum(2)
+        return self.p_shared[..., 1 + self.n_band:].sum(2)
 
-    def weighted_sum(self, p_shared, p_picked) -> torch.Tensor:
-        """sum_j P_j V_j: [b, n, h, d]."""
+    def weighted_sum(self) -> torch.Tensor:
+        """sum_j P_j V_j: [b, n, h, d] (the sink's value is the zero row)."""
         b, n, h, d = self.shape
-        out = (p_shared.reshape(b, n * h, -1) @ self.rows).view(b, n, h, d)
+        out = (self.p_shared.reshape(b, n * h, -1) @ self.rows).view(b, n, h, d)
         if self.picked is not None:
-            out += p_picked @ self.picked
+            out += self.p_picked @ self.picked
         return out
 
 
@@ -113,13 +139,13 @@ class JointAttention(torch.autograd.Function):
         sink_acc = sink.to(acc)
         want_teacher = want_teacher and compressed is not None
         if memo:  # the same call again (activation checkpointing's rerun): its results as they were
-            out, lse, teacher = memo.pop("out"), memo.pop("lse"), memo.pop("teacher")
+            out, teacher = memo.pop("out"), memo.pop("teacher")
         else:
-            out, lse, teacher = _forward(q, kv_pad, entries, sink_acc, picks, scale, window_size, start,
-                                         ratio, want_teacher)
+            call = _Call(q, kv_pad, entries, sink_acc, picks, scale, window_size, start, ratio)
+            out, teacher = _forward(call, want_teacher)
             if memo is not None:
-                memo.update(out=out, lse=lse, teacher=teacher)
-        ctx.save_for_backward(q, kv_pad, entries, sink_acc, picks, out, lse)
+                memo.update(out=out, teacher=teacher)
+        ctx.save_for_backward(q, kv_pad, entries, sink_acc, picks, out)
         ctx.scale, ctx.window_size, ctx.start, ctx.ratio = scale, window_size, start, ratio
         ctx.pad, ctx.dtypes = pad, (q.dtype, kv.dtype, None if compressed is None else compressed.dtype)
         if teacher is not None:
@@ -129,8 +155,9 @@ class JointAttention(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out, grad_teacher):
-        q, kv_pad, entries, sink, picks, out, lse = ctx.saved_tensors
-        scale, win, start, ratio = ctx.scale, ctx.window_size, ctx.start, ctx.ratio
+        q, kv_pad, entries, sink, picks, out = ctx.saved_tensors
+        call = _Call(q, kv_pad, entries, sink, picks, ctx.scale, ctx.window_size, ctx.start, ctx.ratio)
+        win = ctx.window_size
         b, s, h, d = q.shape
         acc = kv_pad.dtype
         dq = q.new_empty(b, s, h, d, dtype=acc)
@@ -141,31 +168,29 @@ class JointAttention(torch.autograd.Function):
         for a in range(0, s, QUERY_BLOCK):
             e = min(s, a + QUERY_BLOCK)
             n = e - a
-            blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, win, ratio)
-            block_lse = lse[:, a:e]
-            p_shared, p_picked = blk.probabilities(block_lse)
+            blk = _Block(call, a, e)
             do = grad_out[:, a:e]  # [b, n, h, d]
             do_flat = do.reshape(b, n * h, d)
             delta = (do * out[:, a:e]).sum(-1, keepdim=True)  # [b, n, h, 1]
-            dsink -= (torch.exp(sink[:, None] - block_lse[..., None]) * delta).sum((0, 1, 3))
 
-            # The shared rows (band, and HCA's entries): every product is a GEMM over them.
+            # The shared rows (sink, band, and HCA's entries): every product is a GEMM over them.
             width = blk.rows.size(1)
-            dz = p_shared * ((do_flat @ blk.rows.transpose(1, 2)).view(b, n, h, width) - delta)
-            dz_flat, p_flat = dz.view(b, n * h, width), p_shared.view(b, n * h, width)
+            dz = blk.p_shared * ((do_flat @ blk.rows.transpose(1, 2)).view(b, n, h, width) - delta)
+            dsink += dz[..., 0].sum((0, 1))
+            dz_flat, p_flat = dz.reshape(b, n * h, width), blk.p_shared.reshape(b, n * h, width)
             dq_blk = dz_flat @ blk.rows  # [b, n * h, d]
             d_rows = torch.baddbmm(p_flat.transpose(1, 2) @ do_flat, dz_flat.transpose(1, 2), blk.flat_q)
-            dkv_pad[:, a:e + win - 1] += d_rows[:, :blk.n_band]
+            dkv_pad[:, a:e + win - 1] += d_rows[:, 1:1 + blk.n_band]
             if blk.n_visible:
-                dentries[:, :blk.n_visible] += d_rows[:, blk.n_band:]
+                dentries[:, :blk.n_visible] += d_rows[:, 1 + blk.n_band:]
             dq_blk = dq_blk.view(b, n, h, d)
             if blk.picked is not None:  # the picks: gathered rows, gradients added back by index
-                dz_c = p_picked * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n, h, k]
+                dz_c = blk.p_picked * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n, h, k]
                 dq_blk += dz_c @ blk.picked
                 qs = blk.flat_q.view(b, n, h, d)
-                d_picked = torch.matmul(dz_c.transpose(-1, -2), qs) + p_picked.transpose(-1, -2) @ do
+                d_picked = torch.matmul(dz_c.transpose(-1, -2), qs) + blk.p_picked.transpose(-1, -2) @ do
                 dentries.view(-1, d).index_add_(0, blk.ids, d_picked.reshape(-1, d))  # 0 for -1 picks
-            dq[:, a:e] = dq_blk * scale
+            dq[:, a:e] = dq_blk * ctx.scale
 
         q_dtype, kv_dtype, c_dtype = ctx.dtypes
         dkv = dkv_pad[:, ctx.pad:].to(kv_dtype) if ctx.needs_input_grad[1] else None
@@ -174,25 +199,24 @@ class JointAttention(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _forward(q, kv_pad, entries, sink, picks, scale, window_size, start, ratio, want_teacher):
-    """out [b, s, h, d], lse [b, s, h] and the teacher (or None), a query block at a time."""
+def _forward(call: _Call, want_teacher: bool):
+    """out [b, s, h, d] and the teacher (or None), a query block at a time."""
+    q = call.q
     b, s, h, d = q.shape
-    acc = kv_pad.dtype
+    acc = call.kv_pad.dtype
     out = q.new_empty(b, s, h, d, dtype=acc)
-    lse = q.new_empty(b, s, h, dtype=acc)
     teacher = None
     if want_teacher:
-        width = picks.size(-1) if picks is not None else entries.size(1)
+        width = call.picks.size(-1) if call.picks is not None else call.entries.size(1)
         teacher = q.new_zeros(b, s, width, dtype=acc)
     for a in range(0, s, QUERY_BLOCK):
         e = min(s, a + QUERY_BLOCK)
-        blk = _Block(q[:, a:e].to(acc) * scale, kv_pad, entries, picks, start, a, e, window_size, ratio)
-        p_shared, p_picked, lse[:, a:e] = blk.softmax(sink)
-        out[:, a:e] = blk.weighted_sum(p_shared, p_picked)
+        blk = _Block(call, a, e)
+        out[:, a:e] = blk.weighted_sum()
         if teacher is not None:
-            mass = blk.entry_mass(p_shared, p_picked)
+            mass = blk.entry_mass()
             teacher[:, a:e, :mass.size(-1)] = mass
-    return out, lse, teacher
+    return out, teacher
 
 
 def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
