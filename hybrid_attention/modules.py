@@ -75,8 +75,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head q * rsqrt(mean(q^2) + eps) with no weight, every op in q.dtype (SPEC 3.2)."""
+    """Per-head q * rsqrt(mean(q^2) + eps) with no weight, every op in q.dtype (SPEC 3.2).
+    Differentiable in q through `_HeadRMSNormalize`'s backward (three passes, not autograd's
+    chain through the square, mean and rsqrt)."""
+    if torch.is_grad_enabled() and q.requires_grad:
+        return _HeadRMSNormalize.apply(q, eps)
     return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+
+
+class _HeadRMSNormalize(torch.autograd.Function):
+    """y = q * r, r = rsqrt(mean(q^2) + eps): dq = r * (dy - y * mean(dy * y))."""
+
+    @staticmethod
+    def forward(ctx, q, eps):
+        r = torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+        y = q * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, r = ctx.saved_tensors
+        m = (grad * y).mean(-1, keepdim=True)
+        return (grad - y * m).mul_(r), None
 
 
 # Tokens per piece of `recompute_pieces`: 8 MB per [piece, 1024] fp32 temporary.

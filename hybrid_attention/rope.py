@@ -52,9 +52,18 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
 
     x: [b, s, ..., d] with the tokens on axis 1 (any head axes between); positions [s] or [b, s].
     Math in fp32, result in x.dtype. `inverse` rotates by -angle (de-rotation).
+    Differentiable in x: a rotation's gradient is the opposite rotation of the output's gradient,
+    one op in backward (`_Rotate`) instead of autograd's chain of copies and complex views.
     """
     if not torch.compiler.is_compiling():
         _check_rope_args(x, positions, freqs)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotate.apply(x, positions, freqs, inverse)
+    return rotate(x, positions, freqs, inverse)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """`apply_rope`'s arithmetic, unchecked and without autograd."""
     rope_dim = 2 * freqs.numel()
     angles = positions.to(torch.float32)[..., None] * freqs.to(positions.device)  # [.., s, rd/2]
     extra = x.dim() - 3  # head axes between the token axis and the feature axis
@@ -69,6 +78,17 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     pairs = torch.view_as_complex(out[..., -rope_dim:].unflatten(-1, (-1, 2)))
     out[..., -rope_dim:] = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     return out.to(x.dtype)
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, positions, freqs, inverse):
+        ctx.positions, ctx.freqs, ctx.inverse = positions, freqs, inverse
+        return rotate(x, positions, freqs, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return rotate(grad, ctx.positions, ctx.freqs, not ctx.inverse), None, None, None
 
 
 def _check_rope_args(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> None:

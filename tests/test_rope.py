@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from hybrid_attention.config import yarn_correction_range
-from hybrid_attention.rope import apply_rope, rope_frequencies
+from hybrid_attention.modules import head_rms_normalize
+from hybrid_attention.rope import apply_rope, rope_frequencies, rotate
 
 
 def test_yarn_frequencies_match_the_spec_check_values():
@@ -37,3 +39,32 @@ def test_inverse_undoes_rope_and_relative_positions_survive():
     s1 = apply_rope(q, torch.tensor([10]), freqs)[0, 0, 0] @ apply_rope(k, torch.tensor([4]), freqs)[0, 0]
     s2 = apply_rope(q, torch.tensor([106]), freqs)[0, 0, 0] @ apply_rope(k, torch.tensor([100]), freqs)[0, 0]
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("batched_positions", [False, True])
+def test_the_rotation_backward_equals_autograd_through_the_plain_ops(dtype, inverse, batched_positions):
+    """apply_rope's backward (the opposite rotation, one op) gives bit for bit the gradient that
+    autograd computes through `rotate`'s copies and complex views."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, 16, generator=gen).to(dtype).requires_grad_()
+    positions = torch.randint(0, 10**6, (2, 6) if batched_positions else (6,), generator=gen)
+    freqs = rope_frequencies(8, 10000.0)
+    grad = torch.randn(2, 6, 3, 16, generator=gen).to(dtype)
+    (fast,) = torch.autograd.grad(apply_rope(x, positions, freqs, inverse), x, grad)
+    (plain,) = torch.autograd.grad(rotate(x, positions, freqs, inverse), x, grad)
+    assert fast.dtype == dtype and torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_rms_normalize_backward_equals_autograd(dtype):
+    gen = torch.Generator().manual_seed(4)
+    q = (torch.randn(2, 5, 3, 32, generator=gen) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(2, 5, 3, 32, generator=gen).to(dtype)
+    (fast,) = torch.autograd.grad(head_rms_normalize(q, 1e-6), q, grad)
+    plain_out = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + 1e-6)
+    (plain,) = torch.autograd.grad(plain_out, q, grad)
+    assert torch.allclose(fast, plain, rtol=0, atol=(1e-12 if dtype == torch.float64 else 1e-6))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: head_rms_normalize(t, 1e-6), (q,))

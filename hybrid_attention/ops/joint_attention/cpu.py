@@ -61,7 +61,8 @@ class _Call:
         column = torch.arange(n + win - 1, device=dev)
         offset = column - torch.arange(n, device=dev)[:, None]  # row a + c is window row c - t of query t
         masked = (offset < 0) | (offset >= win) | (self.start - win + 1 + a + column < 0)
-        band = torch.zeros(masked.shape, dtype=self.kv_pad.dtype, device=dev).masked_fill_(masked, float("-inf"))
+        band = torch.zeros(masked.shape, dtype=self.kv_pad.dtype, device=dev)
+        band.masked_fill_(masked, float("-inf"))
         bias = torch.cat((self.sink[None, :, None].expand(n, h, 1), band[:, None].expand(n, h, -1)), dim=-1)
         if interior:
             self._interior = bias
