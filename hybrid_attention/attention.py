@@ -360,9 +360,10 @@ class HybridAttention(nn.Module):
         compressed entries + sink), the indexer loss against the attention's own share of each pick
         (the teacher), de-rotation and output projection - runs `RECOMPUTE_ROWS` tokens at a time
         through `recompute_pieces`, which keeps only the inputs and recomputes each piece in
-        backward. So no [s, heads, head_dim]
-        tensor (queries, attention output, their gradients) exists at full length. Equal to the
-        inference path run through autograd.
+        backward; `joint_attention`'s memo keeps each piece's attention output from forward to
+        backward, so the rerun skips the attention's forward. Of the [s, heads, head_dim] tensors
+        only that output exists at full length (not the queries, nor either gradient). Equal to
+        the inference path run through autograd.
         dense_csa: attention over every visible entry, and the indexer loss over all of them."""
         b, s = x.shape[:2]
         win, start = self.cfg.window_size, int(positions[0])
