@@ -36,7 +36,7 @@ def joint_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale
     not fp64). `reference.py` is the oracle of both.
 
     memo: for activation checkpointing, which runs a forward again in backward to differentiate
-      it. The torch backend keeps its first call's output, log-sum-exp and teacher in the dict and,
+      it. The torch backend keeps its first call's output and teacher in the dict and,
       called again with the same dict and the same inputs, takes them from there (once) instead of
       computing the forward a second time: the rerun then costs only the backward. The price is the
       output [b, s, h, d] held from forward to backward. The Triton backend ignores it.
