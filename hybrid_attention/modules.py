@@ -80,7 +80,13 @@ def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
     chain through the square, mean and rsqrt)."""
     if torch.is_grad_enabled() and q.requires_grad:
         return _HeadRMSNormalize.apply(q, eps)
-    return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+    return _normalized(q, eps)[0]
+
+
+def _normalized(q: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r): y = q * r, r = rsqrt(mean(q^2) + eps) [..., 1]."""
+    r = torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+    return q * r, r
 
 
 class _HeadRMSNormalize(torch.autograd.Function):
@@ -88,8 +94,7 @@ class _HeadRMSNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, eps):
-        r = torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
-        y = q * r
+        y, r = _normalized(q, eps)
         ctx.save_for_backward(y, r)
         return y
 
