@@ -13,8 +13,8 @@ back-to-back runs of two commits cannot promise. Prints every call and the media
 per side, and the ratio of the medians.
 
 --train times a training step instead: forward + backward in train mode, x and every parameter
-requiring grad, backward from y with a fixed random gradient (plus the indexer loss for CSA), as
-`bench_train.py` does.
+requiring grad, backward from y with a fixed random gradient (plus the indexer loss for CSA), and
+glibc asked to keep freed memory for reuse (`retain_freed_memory`), as `bench_train.py` does.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import hybrid_attention
 from hybrid_attention import HybridAttention
 from hybrid_attention.demo import KINDS, demo_config
 length, kind, calls, train = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "train"
+if train:  # as bench_train.py: glibc keeps freed memory (a base without the helper runs without)
+    getattr(hybrid_attention.demo, "retain_freed_memory", lambda: False)()
 cfg = demo_config("small")
 torch.manual_seed(0)
 layer = HybridAttention(cfg, KINDS.index(kind)).train(train)

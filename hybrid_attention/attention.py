@@ -29,7 +29,7 @@ from .checks import check_bool, check_float_dtype, check_int, check_tensor, to_d
 from .compressor import Compressor
 from .config import AttentionConfig
 from .indexer import Indexer, gather_rows, index_scores, select_entries
-from .modules import Linear, RMSNorm, head_rms_normalize, recompute_pieces
+from .modules import Linear, RMSNorm, normalize_and_rotate, recompute_pieces
 from .ops import indexer_topk, sparse_attention
 from .ops.dispatch import BACKENDS, check_triton_usable, resolve_backend
 from .ops.indexer_loss import indexer_loss
@@ -220,7 +220,7 @@ class HybridAttention(nn.Module):
     def _queries(self, qr: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Query path after the low-rank bottleneck (SPEC 3.2): qr [b, n, q_lora] -> q [b, n, h, d]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        return apply_rope(head_rms_normalize(q, self.cfg.norm_eps), positions, freqs)
+        return normalize_and_rotate(q, self.cfg.norm_eps, positions, freqs)
 
     def _kv_rows(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """KV path (SPEC 3.3): x [b, s, dim] -> the shared KV rows [b, s, d]."""
@@ -404,18 +404,20 @@ class HybridAttention(nn.Module):
                                          entries, self.ratio, None if dense_csa else chosen,
                                          want_teacher=want_loss, backend=self.backend,
                                          memo=memos.setdefault(a, {}))
-            y = self.wo_b(self._derotated_grouped_output(o, pos, freqs).flatten(2))
+            # wo_b's input: `recompute_pieces` applies wo_b (`project`), outside backward's rerun.
+            y = self.wo_b.gemm_input(self._derotated_grouped_output(o, pos, freqs).flatten(2))
             if not want_loss:
                 return y, None
             total, count = indexer_loss(qi, weights, loss_keys, chosen.contiguous(), teacher)
             return y, torch.stack((total.float(), count.float()))
 
-        params = [p for module in (self.wq_a, self.q_norm, self.wq_b, self.wo_a, self.wo_b)
+        params = [p for module in (self.wq_a, self.q_norm, self.wq_b, self.wo_a)
                   for p in module.parameters()] + [self.attn_sink]
         if want_loss:
             params += list(self.indexer.wq_b.parameters())
         y, sums = recompute_pieces(query_side, [x, head_weights if want_loss else None],
-                                   [keys, entries, index_keys if want_loss else None], params)
+                                   [keys, entries, index_keys if want_loss else None], params,
+                                   project=self.wo_b.weight)
         attended = float((positions + 1).clamp_max(win).sum()) * b
         if self.kind == "csa" and not dense_csa:
             attended += float((picks >= 0).sum())

@@ -51,7 +51,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     """Rotate the last `2 * len(freqs)` dims of x.
 
     x: [b, s, ..., d] with the tokens on axis 1 (any head axes between); positions [s] or [b, s].
-    Math in fp32, result in x.dtype. `inverse` rotates by -angle (de-rotation).
+    Math in fp32 (fp64 for fp64 x), result in x.dtype. `inverse` rotates by -angle (de-rotation).
     Differentiable in x: a rotation's gradient is the opposite rotation of the output's gradient,
     one op in backward (`_Rotate`) instead of autograd's chain of copies and complex views.
     """
@@ -64,20 +64,36 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
     """`apply_rope`'s arithmetic, unchecked and without autograd."""
+    out = x.to(_math_dtype(x.dtype)).contiguous()
+    if out.data_ptr() == x.data_ptr():
+        out = out.clone()  # fp32 and contiguous already: do not rotate x in place
+    return rotate_(out, positions, freqs, inverse).to(x.dtype)
+
+
+def rotate_(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+            inverse: bool = False) -> torch.Tensor:
+    """`rotate` in place on x (its last dimension contiguous), unchecked, without autograd: the
+    math in fp32 (fp64 for fp64), the result rounded to x.dtype as `rotate` rounds it. Returns x."""
     rope_dim = 2 * freqs.numel()
     angles = positions.to(torch.float32)[..., None] * freqs.to(positions.device)  # [.., s, rd/2]
     extra = x.dim() - 3  # head axes between the token axis and the feature axis
     angles = angles.reshape(*angles.shape[:-1], *([1] * extra), angles.shape[-1])
+    part = x[..., -rope_dim:]
+    angles = angles.to(_math_dtype(x.dtype))  # fp32 angles (as the official code), fp64 cos for fp64
     cos, sin = angles.cos(), angles.sin()
     if inverse:
         sin = -sin
     # Pair k as a complex number times e^(i angle): (a cos - b sin) + i (a sin + b cos).
-    out = x.float().contiguous()
-    if out.data_ptr() == x.data_ptr():
-        out = out.clone()  # fp32 and contiguous already: do not rotate x in place
-    pairs = torch.view_as_complex(out[..., -rope_dim:].unflatten(-1, (-1, 2)))
-    out[..., -rope_dim:] = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
-    return out.to(x.dtype)
+    exact = part if x.dtype == _math_dtype(x.dtype) else part.float()
+    pairs = torch.view_as_complex(exact.unflatten(-1, (-1, 2)))
+    pairs.mul_(torch.complex(cos, sin))
+    if exact is not part:
+        part.copy_(exact)
+    return x
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Rotate(torch.autograd.Function):

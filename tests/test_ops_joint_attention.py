@@ -64,9 +64,13 @@ def fast(q, kv, sink, scale, window, start, compressed, ratio, picks):
                            want_teacher=compressed is not None, backend="torch")
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)  # many blocks even at these lengths
+@pytest.fixture(autouse=True, params=[(8, 8), (12, 4), (10, 3)], ids=lambda p: f"chunk{p[0]}-sub{p[1]}")
+def small_blocks(monkeypatch, request):
+    """Many chunks even at these lengths; several bands per chunk, and chunks that are not a
+    multiple of the sub-block (10 queries in bands of 3: chunks of 9), with a last band cut short."""
+    chunk, sub = request.param
+    monkeypatch.setattr(cpu, "QUERY_BLOCK", chunk)
+    monkeypatch.setattr(cpu, "SUB_BLOCK", sub)
 
 
 @pytest.mark.parametrize("b, s, start, h, d, window, ratio, mode, topk", CASES)

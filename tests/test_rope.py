@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybrid_attention.config import yarn_correction_range
-from hybrid_attention.modules import head_rms_normalize
+from hybrid_attention.modules import normalize_and_rotate
 from hybrid_attention.rope import apply_rope, rope_frequencies, rotate
 
 
@@ -57,14 +57,39 @@ def test_the_rotation_backward_equals_autograd_through_the_plain_ops(dtype, inve
     assert fast.dtype == dtype and torch.equal(fast, plain)
 
 
+def plain_normalize_and_rotate(q, positions, freqs):
+    """The composition written out in plain ops, for autograd to differentiate."""
+    y = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + 1e-6)
+    rd = 2 * freqs.numel()
+    angles = (positions.float()[:, None, None] * freqs).to(q.dtype)  # [s, 1, rd / 2], as rope.py
+    a, b = y[..., -rd::2], y[..., -rd + 1::2]
+    pairs = torch.stack((a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()), -1)
+    return torch.cat((y[..., :-rd], pairs.flatten(-2)), dim=-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_head_rms_normalize_backward_equals_autograd(dtype):
+def test_normalize_and_rotate_equals_autograd_through_plain_ops(dtype):
     gen = torch.Generator().manual_seed(4)
     q = (torch.randn(2, 5, 3, 32, generator=gen) * 3).to(dtype).requires_grad_()
     grad = torch.randn(2, 5, 3, 32, generator=gen).to(dtype)
-    (fast,) = torch.autograd.grad(head_rms_normalize(q, 1e-6), q, grad)
-    plain_out = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + 1e-6)
+    positions, freqs = torch.arange(7, 12), rope_frequencies(16, 10000.0)
+    out = normalize_and_rotate(q, 1e-6, positions, freqs)
+    (fast,) = torch.autograd.grad(out, q, grad)
+    plain_out = plain_normalize_and_rotate(q, positions, freqs)
     (plain,) = torch.autograd.grad(plain_out, q, grad)
-    assert torch.allclose(fast, plain, rtol=0, atol=(1e-12 if dtype == torch.float64 else 1e-6))
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(out, plain_out, rtol=0, atol=atol)
+    assert torch.allclose(fast, plain, rtol=0, atol=atol)
+    with torch.no_grad():  # inference: the same op, in place on the normalised copy
+        assert torch.equal(normalize_and_rotate(q, 1e-6, positions, freqs), out)
     if dtype == torch.float64:
-        assert torch.autograd.gradcheck(lambda t: head_rms_normalize(t, 1e-6), (q,))
+        assert torch.autograd.gradcheck(lambda t: normalize_and_rotate(t, 1e-6, positions, freqs), (q,))
+
+
+def test_normalize_and_rotate_in_bf16_rounds_as_apply_rope_does():
+    """bf16: the normalisation in bf16, the rotation in fp32 rounded back, as `apply_rope` does."""
+    q = torch.randn(1, 6, 2, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+    positions, freqs = torch.arange(6), rope_frequencies(8, 10000.0)
+    normalized = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + 1e-6)
+    expected = apply_rope(normalized, positions, freqs)
+    assert torch.equal(normalize_and_rotate(q, 1e-6, positions, freqs), expected)

@@ -1,26 +1,28 @@
-"""The fast torch backend of `joint_attention`: forward and backward a query block at a time, as a
-`torch.autograd.Function` (flash-attention style); and, at the end, the inference forward the
+"""The fast torch backend of `joint_attention`: forward and backward a chunk of queries at a time,
+as a `torch.autograd.Function` (flash-attention style); and, at the end, the inference forward the
 layer calls without autograd (`joint_attention_inference`).
 
-Forward keeps only its inputs and the output. Backward recomputes each block's probabilities from
+Forward keeps only its inputs and the output. Backward recomputes each chunk's probabilities from
 the saved inputs, and accumulates the gradients of the shared rows into one preallocated buffer per
-input. Nothing of the size of the sequence is materialised per block, so a step's memory grows
-linearly with the sequence: O(block * (win + k)) of work space and O(s * h * d) for the saved
+input. Nothing of the size of the sequence is materialised per chunk, so a step's memory grows
+linearly with the sequence: O(chunk * (win + k)) of work space and O(s * h * d) for the saved
 inputs and output.
 
-The window as a band: the n queries of a block see, between them, the n + win - 1 rows
-a .. e + win - 2 of the front-padded KV, query t the win rows t .. t + win - 1. So the block's
-window scores are one GEMM [n * h, d] x [d, n + win - 1] with everything outside the band masked;
-its weighted sum, and in backward its dq and the rows' gradient, are GEMMs with the same band of
-probabilities (zero outside). That does up to twice the useful multiply-adds in big GEMMs instead
-of n tiny [h, d] x [d, win] ones, and the rows' gradient lands in the buffer in one add.
+The window as bands: a chunk's queries go in sub-blocks of nb; the nb queries of a sub-block see,
+between them, the nb + win - 1 rows starting at their first query's window, query t of the
+sub-block the win rows t .. t + win - 1 of them. So a sub-block's window scores are one GEMM
+[nb * h, d] x [d, nb + win - 1] with the rest of the band masked, and the chunk's sub-blocks are
+one batched GEMM over overlapping views of the rows (no copy). A band does (nb + win - 1) / win
+of the useful multiply-adds (1.24x at nb = 32, win = 128), in GEMMs instead of n tiny
+[h, d] x [d, win] ones. In backward each sub-block's band gradient [nb + win - 1, d] is added back
+into the rows' buffer in ceil((nb + win - 1) / nb) shifted adds over the whole chunk.
 
-The block's shared keys are [zero row, band, (HCA) entries]: the zero row is the sink, whose logit
-and the band's mask come in as the bias of the score GEMM (`baddbmm`: sink[h] in column 0, -inf
-outside the band, 0 elsewhere), and whose value is zero. So the joint softmax is one
-`torch.softmax` over the scores (with CSA's picked entries beside them), which handles the -inf of
-the masks at full speed (`torch.exp` of -inf or of anything below about -87 takes a slow path, 7x
-slower), and the sink's gradient is its column of dZ.
+HCA's entries (or dense CSA's) are shared by every query of the chunk: one GEMM over the chunk's
+queries and the entries the last of them sees, the later ones masked for the earlier queries.
+CSA's picks are rows gathered per query. The sink is one more score column (zero value). So the
+joint softmax is one `torch.softmax` over [band, entries or picks, sink], which handles the -inf
+of the masks at full speed (`torch.exp` of -inf or of anything below about -87 takes a slow path,
+7x slower), and the sink's gradient is its column of dZ.
 
 With P the joint probabilities, dO the output's gradient and delta = <dO, O> per (query, head):
     dZ = P * (dO . V - delta)                  (softmax backward; the sink has a zero value)
@@ -30,101 +32,125 @@ With P the joint probabilities, dO the output's gradient and delta = <dO, O> per
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
 from ..autocast import without_autocast
 
-# Queries per block: the band [n, n + win - 1] is half useful at n = win = 128; the block's scores
-# [b, n, h, n + win - 1 + k] stay about a MB.
-QUERY_BLOCK = 128
+# Queries per chunk (a multiple of SUB_BLOCK): the chunk's scores [b, n, h, nb + win - 1 + t or k]
+# stay a few MB.
+QUERY_BLOCK = 256
+# Queries per band: nb + win - 1 rows for nb queries; smaller wastes less of the band but makes
+# smaller GEMMs (32 measured fastest for win = 128 on the benchmark CPU).
+SUB_BLOCK = 32
 
 
 class _Call:
-    """What every block of one call shares: the padded rows with the sink's zero row, and the
-    score bias of a block of QUERY_BLOCK queries that sees no position before 0 (cached)."""
+    """What every chunk of one call shares: the rows padded for the bands, the entries, the sink,
+    the picks, and the band's mask bias for a sub-block that sees no position before 0 (cached)."""
 
-    def __init__(self, q, kv_pad, entries, sink, picks, scale, window_size, start, ratio):
-        self.q, self.kv_pad, self.entries, self.sink, self.picks = q, kv_pad, entries, sink, picks
+    def __init__(self, q, kv, entries, sink, picks, scale, window_size, start, ratio):
+        b, s, h, d = q.shape
+        self.q, self.entries, self.sink, self.picks = q, entries, sink, picks
         self.scale, self.window_size, self.start, self.ratio = scale, window_size, start, ratio
-        self.zero_row = kv_pad.new_zeros(kv_pad.size(0), 1, kv_pad.size(2))
+        self.sub = min(SUB_BLOCK, QUERY_BLOCK)
+        self.chunk = QUERY_BLOCK // self.sub * self.sub
+        self.band = self.sub + window_size - 1  # rows of a sub-block's band
+        self.shifts = math.ceil(self.band / self.sub)  # sub-block-sized pieces of a band
+        # Query t's window is rows t .. t + win - 1 of the padded rows; at the end, rows for the
+        # last sub-block's padding queries and for a band cut into whole sub-blocks.
+        s_pad = math.ceil(s / self.sub) * self.sub
+        self.front = window_size - 1 - (kv.size(1) - s)
+        back = s_pad + self.shifts * self.sub - self.sub - (s + window_size - 1)
+        self.kv_pad = F.pad(kv, (0, 0, self.front, back))  # [b, s_pad + (shifts - 1) * nb, d]
         self._interior = None
 
-    def bias(self, a: int, e: int) -> torch.Tensor:
-        """[n, h, 1 + n + win - 1]: sink[h] in column 0, then 0 inside query t's band, -inf outside
-        it and before position 0."""
-        n, win, h = e - a, self.window_size, self.sink.numel()
-        interior = n == QUERY_BLOCK and self.start + a >= win - 1
+    def bias(self, a: int, n_sub: int) -> torch.Tensor:
+        """The band mask of the chunk's n_sub sub-blocks from query a on: [1 or b * n_sub, nb * h, L],
+        0 inside query t's window, -inf outside it and before position 0."""
+        nb, win, h, L = self.sub, self.window_size, self.sink.numel(), self.band
+        b = self.q.size(0)
+        interior = self.start + a >= win - 1
         if interior and self._interior is not None:
             return self._interior
         dev = self.kv_pad.device
-        column = torch.arange(n + win - 1, device=dev)
-        offset = column - torch.arange(n, device=dev)[:, None]  # row a + c is window row c - t of query t
-        masked = (offset < 0) | (offset >= win) | (self.start - win + 1 + a + column < 0)
-        band = torch.zeros(masked.shape, dtype=self.kv_pad.dtype, device=dev)
-        band.masked_fill_(masked, float("-inf"))
-        bias = torch.cat((self.sink[None, :, None].expand(n, h, 1), band[:, None].expand(n, h, -1)), dim=-1)
+        column = torch.arange(L, device=dev)
+        offset = column - torch.arange(nb, device=dev)[:, None]  # [nb, L]: window slot of the column
+        masked = (offset < 0) | (offset >= win)
+        if not interior:  # rows before position 0: band row c of sub-block i is position p0 + c
+            first = self.start + a + torch.arange(n_sub, device=dev) * nb - win + 1
+            masked = masked | (first[:, None, None] + column < 0)  # [n_sub, nb, L]
+        bias = torch.zeros(masked.shape, dtype=self.kv_pad.dtype, device=dev)
+        bias.masked_fill_(masked, float("-inf"))
+        bias = bias.unsqueeze(-2).expand(*masked.shape[:-1], h, L).reshape(-1, nb * h, L)
         if interior:
             self._interior = bias
-        return bias
+            return bias
+        return bias.repeat(b, 1, 1)
 
 
-class _Block:
-    """One query block's keys and joint probabilities, recomputed identically in forward and
-    backward."""
+class _Chunk:
+    """One chunk's keys and joint probabilities, recomputed identically in forward and backward."""
 
     def __init__(self, call: _Call, a: int, e: int):
         b, _, h, d = call.q.shape
-        n = e - a
+        nb, L = call.sub, call.band
         dev = call.q.device
-        self.shape = (b, n, h, d)
-        self.flat_q = (call.q[:, a:e].to(call.kv_pad.dtype) * call.scale).reshape(b, n * h, d)
-        band = call.kv_pad[:, a:e + call.window_size - 1]  # [b, L, d], L = n + win - 1
-        self.n_band = band.size(1)
-        keys = [call.zero_row, band]
-        self.n_visible = 0
+        self.n = e - a
+        self.n_sub = math.ceil(self.n / nb)
+        n_pad = self.n_sub * nb
+        self.shape = (b, n_pad, h, d)
+        q = call.q[:, a:e].to(call.kv_pad.dtype) * call.scale
+        if n_pad > self.n:  # the last chunk: zero queries to fill its last sub-block
+            q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n))
+        self.q = q  # [b, n_pad, h, d], scaled
+        # Sub-block i's band: rows a + i * nb .. a + i * nb + L - 1 of the padded rows (views).
+        rows = call.kv_pad[:, a:a + n_pad - nb + L]
+        self.bands = rows.unfold(1, L, nb).transpose(-1, -2).reshape(b * self.n_sub, L, d)
+        z = torch.baddbmm(call.bias(a, self.n_sub), q.view(b * self.n_sub, nb * h, d),
+                          self.bands.transpose(1, 2)).view(b, n_pad, h, L)
+        segments = [z]
+        self.entries = self.picked = self.ids = None
         if call.entries is not None and call.picks is None:  # HCA (or dense CSA): every visible entry
-            # Entries are shared by the block's queries like the band: one set of rows, one GEMM.
-            visible = torch.div(call.start + torch.arange(a, e, device=dev) + 1, call.ratio,
-                                rounding_mode="floor")
-            self.n_visible = int(visible[-1])
-            keys.append(call.entries[:, :self.n_visible])
-        self.rows = torch.cat(keys, dim=1)  # [b, 1 + L (+ t), d]
-        width = self.rows.size(1)
-        bias = call.bias(a, e)  # [n, h, 1 + L]
-        if self.n_visible:
-            bias = torch.cat((bias, bias.new_zeros(n, h, self.n_visible)), dim=-1)
-        z = torch.baddbmm(bias.view(1, n * h, -1), self.flat_q, self.rows.transpose(1, 2))
-        z = z.view(b, n, h, width)
-        if self.n_visible:
-            hidden = torch.arange(self.n_visible, device=dev) >= visible[:, None]  # [n, t]
-            z[..., 1 + self.n_band:].masked_fill_(hidden[None, :, None], float("-inf"))
-        self.picked = self.ids = None
-        if call.picks is not None:  # CSA: the indexer's picks, -1 = none
+            visible = torch.div(call.start + torch.arange(a, a + n_pad, device=dev) + 1, call.ratio,
+                                rounding_mode="floor").clamp_max(call.entries.size(1))
+            n_visible = int(visible[self.n - 1])
+            self.entries = call.entries[:, :n_visible]  # [b, t, d]
+            z = (q.view(b, n_pad * h, d) @ self.entries.transpose(1, 2)).view(b, n_pad, h, n_visible)
+            hidden = torch.arange(n_visible, device=dev) >= visible[:, None]  # [n_pad, t]
+            segments.append(z.masked_fill_(hidden[None, :, None], float("-inf")))
+        elif call.picks is not None:  # CSA: the indexer's picks, -1 = none
             ids = call.picks[:, a:e]  # [b, n, k]
+            if n_pad > self.n:
+                ids = F.pad(ids, (0, 0, 0, n_pad - self.n), value=-1)
             offsets = torch.arange(b, device=dev)[:, None, None] * call.entries.size(1)
             self.ids = (ids.clamp_min(0) + offsets).reshape(-1)
-            self.picked = call.entries.reshape(-1, d).index_select(0, self.ids).view(b, n, ids.size(-1), d)
-            z_picked = self.flat_q.view(b, n, h, d) @ self.picked.transpose(-1, -2)  # [b, n, h, k]
-            z = torch.cat((z, z_picked.masked_fill_((ids < 0)[:, :, None], float("-inf"))), dim=-1)
+            k = ids.size(-1)
+            self.picked = call.entries.reshape(-1, d).index_select(0, self.ids).view(b, n_pad, k, d)
+            z = q @ self.picked.transpose(-1, -2)  # [b, n_pad, h, k]
+            segments.append(z.masked_fill_((ids < 0)[:, :, None], float("-inf")))
+        segments.append(call.sink[:, None].expand(b, n_pad, h, 1))
         # The joint softmax; a query's window holds its own row, so no row is all -inf.
-        self.p = torch.softmax(z, dim=-1)
-        self.p_shared = self.p[..., :width]  # [b, n, h, 1 + L (+ t)]: the sink, band (and entries)
-        self.p_picked = self.p[..., width:] if self.picked is not None else None  # [b, n, h, k]
+        self.p = torch.softmax(torch.cat(segments, dim=-1), dim=-1)
+        self.p_band, self.p_entries = self.p[..., :L], self.p[..., L:-1]  # entries or picks
+        self.p_sink = self.p[..., -1]
 
     def entry_mass(self) -> torch.Tensor:
-        """The compressed entries' probabilities summed over heads: [b, n, t or k]."""
-        if self.p_picked is not None:
-            return self.p_picked.sum(2)
-        return self.p_shared[..., 1 + self.n_band:].sum(2)
+        """The compressed entries' (or picks') probabilities summed over heads: [b, n, t or k]."""
+        return self.p_entries[:, :self.n].sum(2)
 
     def weighted_sum(self) -> torch.Tensor:
         """sum_j P_j V_j: [b, n, h, d] (the sink's value is the zero row)."""
-        b, n, h, d = self.shape
-        out = (self.p_shared.reshape(b, n * h, -1) @ self.rows).view(b, n, h, d)
-        if self.picked is not None:
-            out += self.p_picked @ self.picked
-        return out
+        b, n_pad, h, d = self.shape
+        nb = n_pad // self.n_sub
+        out = (self.p_band.reshape(b * self.n_sub, nb * h, -1) @ self.bands).view(b, n_pad, h, d)
+        if self.entries is not None:
+            out += (self.p_entries.reshape(b, n_pad * h, -1) @ self.entries).view(b, n_pad, h, d)
+        elif self.picked is not None:
+            out += self.p_entries @ self.picked
+        return out[:, :self.n]
 
 
 class JointAttention(torch.autograd.Function):
@@ -132,23 +158,21 @@ class JointAttention(torch.autograd.Function):
     @without_autocast
     def forward(ctx, q, kv, compressed, sink, picks, scale, window_size, start, ratio, want_teacher,
                 memo=None):
-        b, s, h, d = q.shape
         acc = _accumulation_dtype(q)
-        pad = window_size - 1 - (kv.size(1) - s)
-        kv_pad = F.pad(kv.to(acc), (0, 0, pad, 0))  # [b, s + win - 1, d]: query t's window starts at t
+        kv_acc = kv.to(acc)
         entries = compressed.to(acc).contiguous() if compressed is not None else None
         sink_acc = sink.to(acc)
         want_teacher = want_teacher and compressed is not None
         if memo:  # the same call again (activation checkpointing's rerun): its results as they were
             out, teacher = memo.pop("out"), memo.pop("teacher")
         else:
-            call = _Call(q, kv_pad, entries, sink_acc, picks, scale, window_size, start, ratio)
+            call = _Call(q, kv_acc, entries, sink_acc, picks, scale, window_size, start, ratio)
             out, teacher = _forward(call, want_teacher)
             if memo is not None:
                 memo.update(out=out, teacher=teacher)
-        ctx.save_for_backward(q, kv_pad, entries, sink_acc, picks, out)
+        ctx.save_for_backward(q, kv_acc, entries, sink_acc, picks, out)
         ctx.scale, ctx.window_size, ctx.start, ctx.ratio = scale, window_size, start, ratio
-        ctx.pad, ctx.dtypes = pad, (q.dtype, kv.dtype, None if compressed is None else compressed.dtype)
+        ctx.dtypes = (q.dtype, kv.dtype, None if compressed is None else compressed.dtype)
         if teacher is not None:
             ctx.mark_non_differentiable(teacher)
         return out, teacher
@@ -156,63 +180,75 @@ class JointAttention(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out, grad_teacher):
-        q, kv_pad, entries, sink, picks, out = ctx.saved_tensors
-        call = _Call(q, kv_pad, entries, sink, picks, ctx.scale, ctx.window_size, ctx.start, ctx.ratio)
-        win = ctx.window_size
+        q, kv, entries, sink, picks, out = ctx.saved_tensors
+        call = _Call(q, kv, entries, sink, picks, ctx.scale, ctx.window_size, ctx.start, ctx.ratio)
         b, s, h, d = q.shape
-        acc = kv_pad.dtype
+        nb, L, shifts = call.sub, call.band, call.shifts
+        acc = kv.dtype
         dq = q.new_empty(b, s, h, d, dtype=acc)
-        dkv_pad = torch.zeros_like(kv_pad)
+        dkv_pad = torch.zeros_like(call.kv_pad)
         dentries = torch.zeros_like(entries) if entries is not None else None
         dsink = torch.zeros_like(sink)
         grad_out = grad_out.to(acc)
-        for a in range(0, s, QUERY_BLOCK):
-            e = min(s, a + QUERY_BLOCK)
-            n = e - a
-            blk = _Block(call, a, e)
-            do = grad_out[:, a:e]  # [b, n, h, d]
-            do_flat = do.reshape(b, n * h, d)
-            delta = (do * out[:, a:e]).sum(-1, keepdim=True)  # [b, n, h, 1]
+        for a in range(0, s, call.chunk):
+            e = min(s, a + call.chunk)
+            blk = _Chunk(call, a, e)
+            n, n_sub = blk.n, blk.n_sub
+            n_pad = n_sub * nb
+            do, o = grad_out[:, a:e], out[:, a:e]
+            if n_pad > n:  # the padding queries: zero gradient, so they add nothing
+                do, o = (F.pad(t, (0, 0, 0, 0, 0, n_pad - n)) for t in (do, o))
+            delta = (do * o).sum(-1, keepdim=True)  # [b, n_pad, h, 1]
+            dsink -= (blk.p_sink * delta[..., 0]).sum((0, 1))
 
-            # The shared rows (sink, band, and HCA's entries): every product is a GEMM over them.
-            width = blk.rows.size(1)
-            dz = blk.p_shared * ((do_flat @ blk.rows.transpose(1, 2)).view(b, n, h, width) - delta)
-            dsink += dz[..., 0].sum((0, 1))
-            dz_flat, p_flat = dz.reshape(b, n * h, width), blk.p_shared.reshape(b, n * h, width)
-            dq_blk = dz_flat @ blk.rows  # [b, n * h, d]
-            d_rows = torch.baddbmm(p_flat.transpose(1, 2) @ do_flat, dz_flat.transpose(1, 2), blk.flat_q)
-            dkv_pad[:, a:e + win - 1] += d_rows[:, 1:1 + blk.n_band]
-            if blk.n_visible:
-                dentries[:, :blk.n_visible] += d_rows[:, 1 + blk.n_band:]
-            dq_blk = dq_blk.view(b, n, h, d)
-            if blk.picked is not None:  # the picks: gathered rows, gradients added back by index
-                dz_c = blk.p_picked * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n, h, k]
-                dq_blk += dz_c @ blk.picked
-                qs = blk.flat_q.view(b, n, h, d)
-                d_picked = torch.matmul(dz_c.transpose(-1, -2), qs) + blk.p_picked.transpose(-1, -2) @ do
+            # The bands: one batched GEMM per product over the chunk's sub-blocks.
+            do_sub = do.reshape(b * n_sub, nb * h, d)
+            q_sub = blk.q.view(b * n_sub, nb * h, d)
+            p_band = blk.p_band.reshape(b * n_sub, nb * h, L)
+            dz = p_band * (torch.bmm(do_sub, blk.bands.transpose(1, 2)) - delta.view(b * n_sub, nb * h, 1))
+            dq_blk = torch.bmm(dz, blk.bands).view(b, n_pad, h, d)
+            d_bands = torch.baddbmm(p_band.transpose(1, 2) @ do_sub, dz.transpose(1, 2), q_sub)
+            # Sub-block i's band starts at row a + i * nb: add it back in whole sub-block pieces.
+            d_bands = F.pad(d_bands, (0, 0, 0, shifts * nb - L)).view(b, n_sub, shifts, nb, d)
+            target = dkv_pad[:, a:a + (n_sub + shifts - 1) * nb].view(b, n_sub + shifts - 1, nb, d)
+            for j in range(shifts):
+                target[:, j:j + n_sub] += d_bands[:, :, j]
+
+            if blk.entries is not None:  # shared by the chunk's queries: GEMMs over all of them
+                t = blk.entries.size(1)
+                do_flat, q_flat = do.reshape(b, n_pad * h, d), blk.q.view(b, n_pad * h, d)
+                p_flat = blk.p_entries.reshape(b, n_pad * h, t)
+                dz = p_flat * (do_flat @ blk.entries.transpose(1, 2) - delta.view(b, n_pad * h, 1))
+                dq_blk += (dz @ blk.entries).view(b, n_pad, h, d)
+                dentries[:, :t] += torch.baddbmm(p_flat.transpose(1, 2) @ do_flat, dz.transpose(1, 2), q_flat)
+            elif blk.picked is not None:  # the picks: gathered rows, gradients added back by index
+                dz = blk.p_entries * (do @ blk.picked.transpose(-1, -2) - delta)  # [b, n_pad, h, k]
+                dq_blk += dz @ blk.picked
+                d_picked = torch.matmul(dz.transpose(-1, -2), blk.q) + blk.p_entries.transpose(-1, -2) @ do
                 dentries.view(-1, d).index_add_(0, blk.ids, d_picked.reshape(-1, d))  # 0 for -1 picks
-            dq[:, a:e] = dq_blk * ctx.scale
+            dq[:, a:e] = dq_blk[:, :n] * ctx.scale
 
         q_dtype, kv_dtype, c_dtype = ctx.dtypes
-        dkv = dkv_pad[:, ctx.pad:].to(kv_dtype) if ctx.needs_input_grad[1] else None
+        dkv = None
+        if ctx.needs_input_grad[1]:
+            dkv = dkv_pad[:, call.front:call.front + kv.size(1)].to(kv_dtype)
         dc = dentries.to(c_dtype) if dentries is not None and ctx.needs_input_grad[2] else None
         return (dq.to(q_dtype), dkv, dc, dsink if ctx.needs_input_grad[3] else None,
                 None, None, None, None, None, None, None)
 
 
 def _forward(call: _Call, want_teacher: bool):
-    """out [b, s, h, d] and the teacher (or None), a query block at a time."""
+    """out [b, s, h, d] and the teacher (or None), a chunk at a time."""
     q = call.q
     b, s, h, d = q.shape
-    acc = call.kv_pad.dtype
-    out = q.new_empty(b, s, h, d, dtype=acc)
+    out = q.new_empty(b, s, h, d, dtype=call.kv_pad.dtype)
     teacher = None
     if want_teacher:
         width = call.picks.size(-1) if call.picks is not None else call.entries.size(1)
-        teacher = q.new_zeros(b, s, width, dtype=acc)
-    for a in range(0, s, QUERY_BLOCK):
-        e = min(s, a + QUERY_BLOCK)
-        blk = _Block(call, a, e)
+        teacher = q.new_zeros(b, s, width, dtype=call.kv_pad.dtype)
+    for a in range(0, s, call.chunk):
+        e = min(s, a + call.chunk)
+        blk = _Chunk(call, a, e)
         out[:, a:e] = blk.weighted_sum()
         if teacher is not None:
             mass = blk.entry_mass()
