@@ -60,7 +60,8 @@ CASES = [pytest.param(kind, s, prefix, dense, id=f"{kind}-T{s}" + (f"-after{pref
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(cpu, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(cpu, "QUERY_BLOCK", 12)  # chunks of 12 queries in 3 bands of 4
+    monkeypatch.setattr(cpu, "SUB_BLOCK", 4)
     monkeypatch.setattr(modules, "RECOMPUTE_ROWS", 8)  # several recomputed pieces per chunk
 
 
