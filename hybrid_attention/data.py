@@ -179,6 +179,15 @@ class PasskeyPrompt:
     depth: float  # realised: the fraction of the filler that comes before the key sentence
     key: str
 
+    @property
+    def key_spans(self) -> list[tuple[int, int]]:
+        """The [start, end) spans of both times the key sentence states the key ("The pass key is
+        71432. Remember it. 71432 is the pass key."): a model may read either."""
+        sentence = key_sentence(self.key)
+        origin = self.needle[0] - sentence.index(self.key)  # where the sentence starts
+        return [(origin + i, origin + i + len(self.key))
+                for i in (sentence.index(self.key), sentence.rindex(self.key))]
+
 
 def passkey_prompt(length: int, depth: float, key: str) -> PasskeyPrompt:
     """A prompt of exactly `length` tokens with the key sentence at about `depth` of the filler.

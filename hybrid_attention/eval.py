@@ -8,10 +8,14 @@ exactly when the argmax at every answer position is the answer's next token, so 
 while one forward costs far less than a decode loop.
 
 Indexer recall: at each position that predicts a digit of the key, does a CSA layer's top-k
-include a compressed entry holding a digit of the key? The fraction over CSA layers, positions and
-prompts; None for a model without CSA layers. A CSA entry i pools tokens [r (i - 1), r (i + 1))
-(the overlapping compressor, SPEC.md), so the key's digits live in entries start // r ... (end - 1)
-// r + 1.
+include a compressed entry holding a digit of the key, in either place the key sentence states it
+("The pass key is 71432. Remember it. 71432 is the pass key.")? The fraction over positions and
+prompts, per CSA layer ("indexer_recall_by_layer"); "indexer_recall" is the best layer's, the one
+that does the retrieval: a layer whose attention does not read the key (the information is
+already in the residual stream) has no reason to pick it, since its indexer learns that layer's
+attention. None for a model without CSA layers. A CSA entry i pools tokens [r (i - 1), r (i + 1))
+(the overlapping compressor, SPEC.md), so a digit span [start, end) lives in entries start // r
+... (end - 1) // r + 1.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
 
     Returns {"accuracy": {length: fraction}, "by_depth": {length: {depth: fraction}},
     "digit_accuracy": {length: fraction of answer tokens right}, "indexer_recall": fraction or
-    None, "indexer_recall_by_length": {length: fraction} and "indexer_recall_by_layer": {layer
-    id: fraction} (empty without CSA layers),
+    None (the best CSA layer's), "indexer_recall_by_length": {length: that layer's fraction} and
+    "indexer_recall_by_layer": {layer id: fraction} (empty without CSA layers),
     "perplexity": float or None, and the grid's settings}; details: also "cases", one
     {"length", "depth", "key", "right"} per prompt, in needle_grid's order."""
     if not isinstance(model, HybridTransformer):
@@ -71,10 +75,9 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
 
     right = {n: {d: 0 for d in depths} for n in lengths}
     tokens_right = {n: 0 for n in lengths}
-    recall_hits = {n: 0 for n in lengths}
-    recall_total = {n: 0 for n in lengths}
+    recall_hits = {(i, n): 0 for i in csa for n in lengths}  # (layer, length)
+    recall_total = dict.fromkeys(recall_hits, 0)
     verdicts = {}
-    layer_hits, layer_total = dict.fromkeys(csa, 0), dict.fromkeys(csa, 0)
     bar = _Counter(len(cases), progress)
     batches = [group[a:a + batch_size] for group in ([c for c in cases if c.length == n] for n in lengths)
                for a in range(0, len(group), batch_size)]  # a batch never mixes lengths
@@ -92,25 +95,27 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
         for layer, picks in aux["picks"].items():  # [g, n + digits, k]
             at_digits = picks[:, n:n + answer_len - 1]  # the positions predicting the key's digits
             for c, p in zip(group, at_digits, strict=True):
-                entries = _needle_entries(c.prompt.needle, csa[layer]).to(p.device)
+                entries = torch.cat([_needle_entries(span, csa[layer])
+                                     for span in c.prompt.key_spans]).to(p.device)
                 hit = torch.isin(p, entries).any(-1)  # [digits]
-                recall_hits[n] += int(hit.sum())
-                recall_total[n] += hit.numel()
-                layer_hits[layer] += int(hit.sum())
-                layer_total[layer] += hit.numel()
+                recall_hits[layer, n] += int(hit.sum())
+                recall_total[layer, n] += hit.numel()
         bar.update(len(group))
     bar.close()
 
     count = per_cell * len(depths)
-    hits, total = sum(recall_hits.values()), sum(recall_total.values())
+    totals = {i: (sum(recall_hits[i, n] for n in lengths), sum(recall_total[i, n] for n in lengths))
+              for i in csa}
+    by_layer = {i: hits / total for i, (hits, total) in totals.items() if total}
+    best = max(by_layer, key=by_layer.get) if by_layer else None  # the layer that retrieves
     result = {
         "accuracy": {n: sum(right[n].values()) / count for n in lengths},
         "by_depth": {n: {d: right[n][d] / per_cell for d in depths} for n in lengths},
         "digit_accuracy": {n: tokens_right[n] / (count * (1 + digits)) for n in lengths},
-        "indexer_recall": hits / total if csa and total else None,
-        "indexer_recall_by_length": {n: recall_hits[n] / recall_total[n] for n in lengths
-                                     if recall_total[n]},
-        "indexer_recall_by_layer": {i: layer_hits[i] / layer_total[i] for i in csa if layer_total[i]},
+        "indexer_recall": max(by_layer.values()) if by_layer else None,
+        "indexer_recall_by_length": {n: recall_hits[best, n] / recall_total[best, n] for n in lengths
+                                     if best is not None and recall_total[best, n]},
+        "indexer_recall_by_layer": by_layer,
         "perplexity": None,
         "lengths": lengths, "depths": depths, "per_cell": per_cell, "digits": digits, "seed": seed,
     }
@@ -175,7 +180,11 @@ def format_table(result: dict) -> str:
     lines.append("| **mean** | " + " | ".join(f"**{result['accuracy'][n]:.2f}**" for n in lengths) + " |")
     recall = result["indexer_recall"]
     lines.append("")
-    lines.append(f"indexer recall: {'- (no CSA layer)' if recall is None else f'{recall:.3f}'}")
+    if recall is None:
+        lines.append("indexer recall: - (no CSA layer)")
+    else:
+        layers = ", ".join(f"layer {i}: {v:.3f}" for i, v in result["indexer_recall_by_layer"].items())
+        lines.append(f"indexer recall: {recall:.3f} (the best CSA layer; {layers})")
     if result["perplexity"] is not None:
         lines.append(f"perplexity on held-out text: {result['perplexity']:.3f}")
     return "\n".join(lines)

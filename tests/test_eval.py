@@ -33,8 +33,8 @@ class Oracle(HybridTransformer):
     """Reads the key out of the prompt and predicts the answer; wrong on purpose for keys below
     `wrong_below`. Its one CSA layer "picks" the needle's first entry at even positions only."""
 
-    def __init__(self, wrong_below: int = 0):
-        attention = AttentionConfig.preset("tiny", compress_ratios=[128, 4])
+    def __init__(self, wrong_below: int = 0, ratios=(128, 4)):
+        attention = AttentionConfig.preset("tiny", compress_ratios=list(ratios))
         super().__init__(ModelConfig.preset("tiny", attention=attention, vocab_size=VOCAB_SIZE))
         self.wrong_below = wrong_below
 
@@ -78,6 +78,39 @@ def test_accuracy_and_recall_bookkeeping_against_an_oracle():
         assert result["accuracy"][n] == pytest.approx(sum(e for c, e in zip(cases, expected, strict=True)
                                                           if c.length == n) / 9)
     assert "indexer recall: 0.500" in format_table(result)
+
+
+class TwoLayerOracle(Oracle):
+    """Two CSA layers: layer 1 picks the entry of the key's second statement ("... 71432 is the
+    pass key."), at every position; layer 3 picks entry 0 of the filler only."""
+
+    def __init__(self):
+        super().__init__(ratios=(128, 4, 128, 4))
+
+    def forward(self, tokens, states=None, return_aux=False, dense_csa=False):
+        logits, aux = super().forward(tokens, return_aux=True)
+        b, s = tokens.shape
+        second = torch.full((b, s, 2), -1, dtype=torch.long)
+        for i, row in enumerate(tokens.tolist()):
+            text = bytes(row).decode()
+            key = re.search(r"The pass key is (\d+)\. Remember", text).group(1)
+            second[i, :, 0] = text.index(f"{key} is the pass key") // 4 + 1  # pools its first digit
+        filler = torch.zeros((b, s, 2), dtype=torch.long)
+        aux["picks"] = {1: second, 3: filler}
+        return (logits, aux) if return_aux else logits
+
+
+def test_recall_counts_either_statement_of_the_key_and_reports_the_retrieving_layer():
+    cases = needle_grid([200], [0.0, 0.5, 1.0], seed=0, per_cell=2, digits=2)
+    for c in cases:  # the spans are the key's two statements
+        text = bytes(c.prompt.prompt).decode()
+        assert [text[a:b] for a, b in c.prompt.key_spans] == [c.key, c.key]
+        assert c.prompt.key_spans[0] == c.prompt.needle
+    result = evaluate(TwoLayerOracle(), [200], [0.0, 0.5, 1.0], per_cell=2, digits=2)
+    assert result["indexer_recall_by_layer"] == {1: 1.0, 3: 0.0}
+    assert result["indexer_recall"] == 1.0 and result["indexer_recall_by_length"] == {200: 1.0}
+    table = format_table(result)
+    assert "indexer recall: 1.000 (the best CSA layer; layer 1: 1.000, layer 3: 0.000)" in table
 
 
 @pytest.mark.parametrize("token", [0, 5, 13, 30, 31])
