@@ -12,7 +12,8 @@ Schedules (over the model's layers, see `hybrid_attention.train.schedule_ratios`
 
 The full comparison follows DeepSeek's recipe in three phases: dense (CSA attends to every visible
 entry) while the length grows 128 -> 1024 tokens, the indexer's warm-up (only the indexer trains, on
-its KL loss) at 1024, then sparse training (top-k) at 2048 and 4096 tokens, 5-digit keys. HCA's
+its KL loss) at 1024, then sparse training (top-k), 400 steps at 2048 tokens and 150 at 4096,
+5-digit keys. HCA's
 ratio is 128, as in the V4 models (the tiny preset's 8 would let HCA read the digits itself). Its
 evaluation goes to 16x the training length; schedules with a full layer stop at 16384 tokens
 (`--full-eval-max`), where dense attention's cost starts to dominate the hour.
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="Training length (default: 4096; --quick 1024).")
     p.add_argument("--digits", type=int, default=None, help="Passkey digits (default: 5; --quick 2).")
     p.add_argument("--steps", type=int, default=None,
-                   help="Sparse-phase steps (default: 350; --quick 900).")
+                   help="Sparse-phase steps (default: 550; --quick 900).")
     p.add_argument("--dense-steps", type=int, default=None,
                    help="Steps of the recipe's dense phase first (CSA over every entry; default: 550; "
                         "--quick 0).")
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curriculum", type=curriculum, default=[], metavar="STEPS:LEN,...",
                    help="Shorter lengths first (hybrid-attention train --curriculum): 300:128 trains "
                         "the first 300 steps at 128 tokens, the rest at --seq-len (default: "
-                        "300:128,150:512,150:1024,50:2048; --quick 400:128,200:512).")
+                        "300:128,150:512,150:1024,400:2048; --quick 400:128,200:512).")
     p.add_argument("--window", type=int, default=None, help="Window size (default: the tiny preset's 8).")
     p.add_argument("--hca-ratio", type=int, default=None,
                    help="HCA's compression ratio (default: 128, as in the V4 models: one entry blurs 128 "
@@ -95,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = (dict(seq_len=1024, digits=2, steps=900, dense_steps=0, indexer_steps=0, batch_size=4,
                      curriculum=[[400, 128], [200, 512]], hca_ratio=0, eval_multiples=(1, 2, 4))
                 if args.quick else
-                dict(seq_len=4096, digits=5, steps=350, dense_steps=550, indexer_steps=50, batch_size=4,
-                     curriculum=[[300, 128], [150, 512], [150, 1024], [50, 2048]], hca_ratio=128,
+                dict(seq_len=4096, digits=5, steps=550, dense_steps=550, indexer_steps=50, batch_size=4,
+                     curriculum=[[300, 128], [150, 512], [150, 1024], [400, 2048]], hca_ratio=128,
                      eval_multiples=(1, 2, 4, 8, 16)))
     for name, value in defaults.items():
         if getattr(args, name, None) in (None, []):

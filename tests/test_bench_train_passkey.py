@@ -44,6 +44,6 @@ def test_quick_sets_defaults_that_explicit_flags_override():
     assert (mine.steps, mine.curriculum, mine.schedules) == (550, [[200, 128]], "full")
     full = train_passkey.parse_args([])
     assert (full.seq_len, full.digits, full.batch_size, full.hca_ratio) == (4096, 5, 4, 128)
-    assert (full.dense_steps, full.indexer_steps, full.steps) == (550, 50, 350)
-    assert full.curriculum[-1] == [50, 2048] and full.eval_multiples[-1] == 16
+    assert (full.dense_steps, full.indexer_steps, full.steps) == (550, 50, 550)
+    assert full.curriculum[-1] == [400, 2048] and full.eval_multiples[-1] == 16
     assert train_passkey.parse_args(["--dense-steps", "0"]).dense_steps == 0  # an explicit 0 wins
