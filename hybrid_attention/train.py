@@ -660,12 +660,14 @@ def plot_losses(losses: list[dict], path: Path) -> bool:
     ax.plot(steps, [r["loss"] for r in losses], label="task loss", lw=1)
     ax.plot(steps, [r["indexer_loss"] for r in losses], label="indexer loss", lw=1)
     colours = {"dense": "#dde8f7", "indexer": "#f7eadd", "sparse": "#e3f5e1"}
-    first = 0
+    first, shown = 0, 0
     for i in range(1, len(losses) + 1):
         if i == len(losses) or losses[i]["phase"] != losses[first]["phase"]:
             ax.axvspan(steps[first], steps[i - 1], color=colours[losses[first]["phase"]], alpha=0.6, lw=0)
-            ax.text(steps[first], ax.get_ylim()[1], losses[first]["phase"], va="top", fontsize=8)
-            first = i
+            # Labels at two heights in turn, so that a short phase's does not cover the next one's.
+            ax.text(steps[first], 0.98 - 0.06 * (shown % 2), losses[first]["phase"], va="top", fontsize=8,
+                    transform=ax.get_xaxis_transform())  # x in steps, y in axes units
+            first, shown = i, shown + 1
     for before, record in zip(losses, losses[1:], strict=False):
         if before.get("seq_len") != record.get("seq_len"):
             ax.axvline(record["step"], color="grey", ls="--", lw=0.8)
