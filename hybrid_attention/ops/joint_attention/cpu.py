@@ -14,8 +14,9 @@ sub-block the win rows t .. t + win - 1 of them. So a sub-block's window scores 
 [nb * h, d] x [d, nb + win - 1] with the rest of the band masked, and the chunk's sub-blocks are
 one batched GEMM over overlapping views of the rows (copied only for a batch above 1). A band
 does (nb + win - 1) / win of the useful multiply-adds (1.24x at nb = 32, win = 128), in GEMMs
-instead of n tiny [h, d] x [d, win] ones. In backward each sub-block's band gradient [nb + win - 1, d] is added back
-into the rows' buffer in ceil((nb + win - 1) / nb) shifted adds over the whole chunk.
+instead of n tiny [h, d] x [d, win] ones. In backward each sub-block's band gradient
+[nb + win - 1, d] is added back into the rows' buffer in ceil((nb + win - 1) / nb) shifted adds
+over the whole chunk.
 
 HCA's entries (or dense CSA's) are shared by every query of the chunk: one GEMM over the chunk's
 queries and the entries the last of them sees, the later ones masked for the earlier queries.
