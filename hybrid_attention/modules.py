@@ -103,7 +103,8 @@ class _NormalizeAndRotate(torch.autograd.Function):
     def backward(ctx, grad):
         out, r = ctx.saved_tensors
         m = (grad * out).mean(-1, keepdim=True)
-        dq = rotate_(torch.addcmul(grad, out, m, value=-1), ctx.positions, ctx.freqs, inverse=True)
+        dq = torch.addcmul(grad, out, m, value=-1).contiguous()  # rotate_ needs a contiguous last dim
+        dq = rotate_(dq, ctx.positions, ctx.freqs, inverse=True)
         return dq.mul_(r), None, None, None
 
 
