@@ -112,7 +112,7 @@ def evaluate(model: HybridTransformer, lengths, depths=DEFAULT_DEPTHS, per_cell:
         "accuracy": {n: sum(right[n].values()) / count for n in lengths},
         "by_depth": {n: {d: right[n][d] / per_cell for d in depths} for n in lengths},
         "digit_accuracy": {n: tokens_right[n] / (count * (1 + digits)) for n in lengths},
-        "indexer_recall": max(by_layer.values()) if by_layer else None,
+        "indexer_recall": by_layer[best] if best is not None else None,
         "indexer_recall_by_length": {n: recall_hits[best, n] / recall_total[best, n] for n in lengths
                                      if best is not None and recall_total[best, n]},
         "indexer_recall_by_layer": by_layer,
